@@ -9,7 +9,8 @@ set -eu
 dest=/etc/wsgate/tls
 umask 027
 install -d -m 0750 -o root -g wsgate "$dest"
-# Write to temporary names and rename, so wsgate never reads a half-written pair.
+# Write to temporary names and rename (atomic per file); wsgate reads them only on the
+# reload below, after both are in place.
 install -m 0644 -o root -g wsgate "$RENEWED_LINEAGE/fullchain.pem" "$dest/.fullchain.pem.new"
 install -m 0640 -o root -g wsgate "$RENEWED_LINEAGE/privkey.pem" "$dest/.privkey.pem.new"
 mv -f "$dest/.fullchain.pem.new" "$dest/fullchain.pem"
