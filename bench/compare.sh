@@ -1,0 +1,405 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: wsgate vs nginx vs HAProxy vs the backend directly.
+#
+# Every target is a wss:// -> ws:// WebSocket proxy in front of the same echo
+# backend (direct = ws:// to the backend itself, the ceiling). The proxy under
+# test is pinned to PROXY_CPU, the load generator and the backend to LOAD_CPU.
+# Targets are interleaved (the order rotates every round) and repeated ROUNDS
+# times; bench/aggregate.py prints the medians. See bench/README.md.
+#
+# All traffic stays on loopback. Every wait is bounded; every bench run has a
+# wall-clock timeout, and a target that fails is recorded as errors, not fatal.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+# ------------------------------------------------------------------- knobs
+ROUNDS=${ROUNDS:-3}
+TARGETS=${TARGETS:-"wsgate nginx haproxy direct"}
+WORKLOADS=${WORKLOADS:-"idle tp1k tp64 handshake"}
+DURATION=${DURATION:-8}            # seconds of sending per throughput run
+SESSIONS=${SESSIONS:-50}           # throughput sessions
+WINDOW=${WINDOW:-8}                # messages in flight per session
+IDLE_SESSIONS=${IDLE_SESSIONS:-9000}
+IDLE_HOLD=${IDLE_HOLD:-5}          # seconds the idle sessions are held (from the first connect)
+IDLE_DIRECT=${IDLE_DIRECT:-0}      # 1 = also run idle against the backend directly
+HS_SESSIONS=${HS_SESSIONS:-2000}
+HS_CONCURRENCY=${HS_CONCURRENCY:-16}
+NSOURCES=${NSOURCES:-10}           # client source addresses 127.0.0.1 .. 127.0.0.N
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+RUN_TIMEOUT=${RUN_TIMEOUT:-150}    # hard wall-clock limit per bench run, seconds
+SKIP_INSTALL=${SKIP_INSTALL:-0}
+SKIP_BUILD=${SKIP_BUILD:-0}
+ECHO_PORT=${ECHO_PORT:-19000}
+WSGATE_PORT=${WSGATE_PORT:-19443}
+WSGATE_ADMIN_PORT=${WSGATE_ADMIN_PORT:-19090}
+NGINX_PORT=${NGINX_PORT:-19444}
+HAPROXY_PORT=${HAPROXY_PORT:-19445}
+OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
+ORIGIN=https://bench.example
+
+BENCH=$ROOT/target/release/wsgate-bench
+WSGATE=$ROOT/target/release/wsgate
+
+log() { printf '[compare %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+mkdir -p "$OUT" || die "cannot create $OUT"
+WORK=$(mktemp -d /tmp/wsgate-bench.XXXXXX) || die "mktemp failed"
+RESULTS=$OUT/results.jsonl
+: >"$RESULTS"
+
+# Processes this script started, stopped by PID on exit.
+STARTED=()
+cleanup() {
+    for p in "${STARTED[@]}"; do
+        kill "$p" 2>/dev/null
+    done
+    sleep 0.3
+    for p in "${STARTED[@]}"; do
+        kill -9 "$p" 2>/dev/null
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A proxy needs 2 fds per session (client + backend). Raise the soft limit to
+# the hard one (raising the hard limit needs CAP_SYS_RESOURCE, which a
+# container often lacks: 9,000 sessions fit in 20,000).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+NOFILE=$(ulimit -n)
+[ "$NOFILE" = unlimited ] && NOFILE=1048576
+[ "$NOFILE" -gt 200000 ] && NOFILE=200000
+if [ "$NOFILE" -lt $((2 * IDLE_SESSIONS + 1000)) ]; then
+    echo "warning: open-file limit $NOFILE is too low for IDLE_SESSIONS=$IDLE_SESSIONS" >&2
+fi
+PROXY_MAXCONN=$(((NOFILE - 1000) / 2))
+
+SOURCES=$(seq -s, -f '127.0.0.%g' 1 "$NSOURCES")
+
+# ------------------------------------------------------------ install, build
+install_proxies() {
+    if command -v nginx >/dev/null && command -v haproxy >/dev/null; then
+        return 0
+    fi
+    [ "$SKIP_INSTALL" = 1 ] && { log "nginx/haproxy missing and SKIP_INSTALL=1"; return 0; }
+    log "installing nginx-light and haproxy from Debian (services are not started)"
+    local created_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        # invoke-rc.d asks this script; 101 = "action not allowed": no service start.
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && created_policy=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >"$OUT/apt.log" 2>&1
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light haproxy >>"$OUT/apt.log" 2>&1 \
+        || log "apt-get install failed, see $OUT/apt.log"
+    [ "$created_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+    return 0
+}
+
+build() {
+    [ "$SKIP_BUILD" = 1 ] && return 0
+    log "building wsgate-bench (release)"
+    nice cargo build --release -p wsgate-bench >"$OUT/build-bench.log" 2>&1 || die "bench build failed, see $OUT/build-bench.log"
+    log "building wsgate (release)"
+    if ! nice cargo build --release -p wsgate --bin wsgate >"$OUT/build-wsgate.log" 2>&1; then
+        log "wsgate build failed (see $OUT/build-wsgate.log): its runs will be recorded as errors"
+    fi
+}
+
+# --------------------------------------------------------------- helpers
+wait_port() { # port -> 0 when something listens, within ~10 s
+    local i
+    for i in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
+
+stop_pid() {
+    local p=$1 i
+    kill "$p" 2>/dev/null || return 0
+    for i in $(seq 1 50); do
+        kill -0 "$p" 2>/dev/null || { wait "$p" 2>/dev/null; return 0; }
+        sleep 0.1
+    done
+    kill -9 "$p" 2>/dev/null
+    wait "$p" 2>/dev/null
+    return 0
+}
+
+write_configs() {
+    mkdir -p "$WORK/nginx" "$WORK/haproxy"
+    cat >"$WORK/wsgate.toml" <<EOF
+[server]
+listen = "127.0.0.1:$WSGATE_PORT"
+max_connections = 20000
+
+[tls]
+cert = "$WORK/tls/cert.pem"
+key = "$WORK/tls/key.pem"
+min_version = "1.2"
+
+[backend]
+url = "ws://127.0.0.1:$ECHO_PORT"
+
+[origin]
+allow = ["$ORIGIN"]
+
+[auth]
+mode = "jwt"
+algorithms = ["HS256"]
+secret_env = "WSGATE_JWT_SECRET"
+sources = ["header"]
+
+[limits]
+max_connections_per_ip = 10000
+handshakes_per_second_per_ip = 100000
+handshake_burst_per_ip = 100000
+max_pending_handshakes_per_ip = 10000
+messages_per_second = 1000000
+message_burst = 1000000
+bytes_per_second = "1GiB"
+byte_burst = "1GiB"
+max_frame_size = "64KiB"
+max_message_size = "1MiB"
+
+[admin]
+listen = "127.0.0.1:$WSGATE_ADMIN_PORT"
+
+[log]
+level = "warn"
+EOF
+
+    cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+user root;
+
+events {
+    worker_connections $((NOFILE - 500));
+}
+
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    fastcgi_temp_path $WORK/nginx/fastcgi;
+    uwsgi_temp_path $WORK/nginx/uwsgi;
+    scgi_temp_path $WORK/nginx/scgi;
+
+    map \$http_upgrade \$connection_upgrade {
+        default upgrade;
+        ''      close;
+    }
+
+    server {
+        listen 127.0.0.1:$NGINX_PORT ssl;
+        ssl_certificate $WORK/tls/cert.pem;
+        ssl_certificate_key $WORK/tls/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+
+        location / {
+            proxy_pass http://127.0.0.1:$ECHO_PORT;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+            proxy_set_header Host \$host;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }
+    }
+}
+EOF
+
+    cat >"$WORK/haproxy/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $PROXY_MAXCONN
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+    timeout http-request 10s
+    maxconn $PROXY_MAXCONN
+
+frontend wss
+    bind 127.0.0.1:$HAPROXY_PORT ssl crt $WORK/tls/combined.pem
+    default_backend echo
+
+backend echo
+    server echo1 127.0.0.1:$ECHO_PORT
+EOF
+}
+
+# Sets TARGET_PIDS (comma list for the probe), TARGET_URL, TARGET_MAIN_PID.
+start_target() {
+    local t=$1
+    TARGET_PIDS=""
+    TARGET_MAIN_PID=""
+    case $t in
+    wsgate)
+        [ -x "$WSGATE" ] || { log "wsgate binary missing"; return 1; }
+        taskset -c "$PROXY_CPU" "$WSGATE" run --config "$WORK/wsgate.toml" >>"$OUT/wsgate.log" 2>&1 &
+        TARGET_MAIN_PID=$!
+        STARTED+=("$TARGET_MAIN_PID")
+        TARGET_URL="wss://localhost:$WSGATE_PORT/echo"
+        wait_port "$WSGATE_PORT" || return 1
+        TARGET_PIDS=$TARGET_MAIN_PID
+        ;;
+    nginx)
+        command -v nginx >/dev/null || { log "nginx missing"; return 1; }
+        taskset -c "$PROXY_CPU" nginx -p "$WORK/nginx" -e "$WORK/nginx/error.log" -c "$WORK/nginx/nginx.conf" \
+            -g 'daemon off;' >>"$OUT/nginx.log" 2>&1 &
+        TARGET_MAIN_PID=$!
+        STARTED+=("$TARGET_MAIN_PID")
+        TARGET_URL="wss://localhost:$NGINX_PORT/echo"
+        wait_port "$NGINX_PORT" || return 1
+        local workers
+        workers=$(pgrep -P "$TARGET_MAIN_PID" | paste -sd, -)
+        [ -n "$workers" ] || return 1
+        TARGET_PIDS="$TARGET_MAIN_PID,$workers"
+        ;;
+    haproxy)
+        command -v haproxy >/dev/null || { log "haproxy missing"; return 1; }
+        taskset -c "$PROXY_CPU" haproxy -db -f "$WORK/haproxy/haproxy.cfg" >>"$OUT/haproxy.log" 2>&1 &
+        TARGET_MAIN_PID=$!
+        STARTED+=("$TARGET_MAIN_PID")
+        TARGET_URL="wss://localhost:$HAPROXY_PORT/echo"
+        wait_port "$HAPROXY_PORT" || return 1
+        TARGET_PIDS=$TARGET_MAIN_PID
+        ;;
+    direct)
+        TARGET_URL="ws://127.0.0.1:$ECHO_PORT/echo"
+        ;;
+    *)
+        log "unknown target $t"
+        return 1
+        ;;
+    esac
+    return 0
+}
+
+stop_target() {
+    if [ -n "${TARGET_MAIN_PID:-}" ]; then
+        stop_pid "$TARGET_MAIN_PID"
+        local keep=() p
+        for p in "${STARTED[@]}"; do
+            [ "$p" != "$TARGET_MAIN_PID" ] && keep+=("$p")
+        done
+        STARTED=("${keep[@]}")
+    fi
+    TARGET_MAIN_PID=""
+}
+
+record_failure() { # round target workload message
+    printf '{"round":%s,"label":"%s","workload":"%s","errors":1,"first_error":"%s"}\n' \
+        "$1" "$2" "$3" "$4" >>"$RESULTS"
+}
+
+run_workload() { # round target workload
+    local r=$1 t=$2 w=$3
+    local -a common mode
+    common=(--url "$TARGET_URL" --label "$t" --workload "$w" --sources "$SOURCES"
+        --token "$TOKEN" --origin "$ORIGIN" --timeout $((RUN_TIMEOUT - 20)))
+    if [ "$t" = direct ]; then
+        common+=(--insecure-plain)
+    else
+        common+=(--ca "$WORK/tls/ca.pem")
+    fi
+    [ -n "$TARGET_PIDS" ] && common+=(--pid "$TARGET_PIDS")
+    case $w in
+    tp1k) mode=(throughput --sessions "$SESSIONS" --window "$WINDOW" --size 1024 --duration "$DURATION") ;;
+    tp64) mode=(throughput --sessions "$SESSIONS" --window "$WINDOW" --size 64 --duration "$DURATION") ;;
+    idle) mode=(idle --sessions "$IDLE_SESSIONS" --concurrency 64 --hold "$IDLE_HOLD") ;;
+    handshake) mode=(handshake --sessions "$HS_SESSIONS" --concurrency "$HS_CONCURRENCY") ;;
+    *) log "unknown workload $w"; return ;;
+    esac
+    local line rc
+    line=$(timeout -k 5 "$RUN_TIMEOUT" taskset -c "$LOAD_CPU" "$BENCH" "${mode[@]}" "${common[@]}" 2>>"$OUT/bench.log" | grep '^{' | tail -n 1)
+    rc=${PIPESTATUS[0]}
+    if [ -n "$line" ]; then
+        printf '%s\n' "{\"round\":$r,${line#\{}" >>"$RESULTS"
+        log "  $t $w: $(printf '%s' "$line" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(" ".join(f"{k}={d[k]}" for k in ("msgs_per_s","rtt_p99_us","proxy_cpu_us_per_msg","bytes_per_session","sessions_per_s","proxy_cpu_us_per_session","errors","first_error") if k in d))')"
+    else
+        record_failure "$r" "$t" "$w" "no result (exit $rc)"
+        log "  $t $w: no result (exit $rc)"
+    fi
+}
+
+# -------------------------------------------------------------------- main
+install_proxies
+build
+[ -x "$BENCH" ] || die "$BENCH missing"
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "nproc: $(nproc)"
+    echo "kernel: $(uname -r)"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
+    echo "nginx: $(nginx -v 2>&1)"
+    echo "haproxy: $(haproxy -v 2>/dev/null | head -n 1)"
+    echo "wsgate: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null) $([ -x "$WSGATE" ] && echo built || echo missing)"
+    echo "knobs: ROUNDS=$ROUNDS TARGETS='$TARGETS' WORKLOADS='$WORKLOADS' DURATION=$DURATION SESSIONS=$SESSIONS WINDOW=$WINDOW IDLE_SESSIONS=$IDLE_SESSIONS IDLE_HOLD=$IDLE_HOLD HS_SESSIONS=$HS_SESSIONS HS_CONCURRENCY=$HS_CONCURRENCY NSOURCES=$NSOURCES PROXY_CPU=$PROXY_CPU LOAD_CPU=$LOAD_CPU"
+} >"$OUT/machine.txt"
+cat "$OUT/machine.txt" >&2
+
+"$BENCH" certs --out "$WORK/tls" 2>>"$OUT/bench.log" || die "certs failed"
+WSGATE_JWT_SECRET=$(head -c 48 /dev/urandom | base64 | tr -d '\n=+/')
+export WSGATE_JWT_SECRET
+TOKEN=$("$BENCH" token --secret-env WSGATE_JWT_SECRET) || die "token failed"
+write_configs
+
+if (exec 3<>"/dev/tcp/127.0.0.1/$ECHO_PORT") 2>/dev/null; then
+    die "port $ECHO_PORT is already in use (set ECHO_PORT)"
+fi
+taskset -c "$LOAD_CPU" "$BENCH" echo --listen "127.0.0.1:$ECHO_PORT" --max-seconds 7200 >>"$OUT/echo.log" 2>&1 &
+ECHO_PID=$!
+STARTED+=("$ECHO_PID")
+wait_port "$ECHO_PORT" || die "echo backend did not start (see $OUT/echo.log)"
+
+read -r -a TARGET_LIST <<<"$TARGETS"
+read -r -a WORKLOAD_LIST <<<"$WORKLOADS"
+n=${#TARGET_LIST[@]}
+for r in $(seq 1 "$ROUNDS"); do
+    for k in $(seq 0 $((n - 1))); do
+        t=${TARGET_LIST[$(((k + r - 1) % n))]}
+        log "round $r/$ROUNDS: $t"
+        if ! start_target "$t"; then
+            log "  $t did not start: recording errors"
+            for w in "${WORKLOAD_LIST[@]}"; do
+                record_failure "$r" "$t" "$w" "target did not start"
+            done
+            stop_target
+            continue
+        fi
+        # Fresh process per target per round; idle first, so the RSS baseline
+        # is not inflated by buffers kept from earlier workloads.
+        for w in "${WORKLOAD_LIST[@]}"; do
+            if [ "$w" = idle ] && [ "$t" = direct ] && [ "$IDLE_DIRECT" != 1 ]; then
+                continue
+            fi
+            if [ -n "$TARGET_MAIN_PID" ] && ! kill -0 "$TARGET_MAIN_PID" 2>/dev/null; then
+                record_failure "$r" "$t" "$w" "target process exited"
+                continue
+            fi
+            run_workload "$r" "$t" "$w"
+            sleep 1
+        done
+        stop_target
+    done
+done
+
+python3 "$ROOT/bench/aggregate.py" "$RESULTS" "$OUT/machine.txt" | tee "$OUT/summary.md"
+log "results: $RESULTS, summary: $OUT/summary.md"
