@@ -327,11 +327,12 @@ run_workload() { # round target workload
     *) log "unknown workload $w"; return ;;
     esac
     local line rc
+    echo "# round $r $t $w loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/bench.log"
     line=$(timeout -k 5 "$RUN_TIMEOUT" taskset -c "$LOAD_CPU" "$BENCH" "${mode[@]}" "${common[@]}" 2>>"$OUT/bench.log" | grep '^{' | tail -n 1)
     rc=${PIPESTATUS[0]}
     if [ -n "$line" ]; then
         printf '%s\n' "{\"round\":$r,${line#\{}" >>"$RESULTS"
-        log "  $t $w: $(printf '%s' "$line" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(" ".join(f"{k}={d[k]}" for k in ("msgs_per_s","rtt_p99_us","proxy_cpu_us_per_msg","bytes_per_session","sessions_per_s","proxy_cpu_us_per_session","errors","first_error") if k in d))')"
+        log "  $t $w: $(printf '%s' "$line" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(" ".join(f"{k}={d[k]}" for k in ("msgs_per_s","rtt_p99_us","proxy_cpu_us_per_msg","gen_cpu_util","bytes_per_session","sessions_per_s","proxy_cpu_us_per_session","errors","first_error") if k in d))')"
     else
         record_failure "$r" "$t" "$w" "no result (exit $rc)"
         log "  $t $w: no result (exit $rc)"
@@ -342,6 +343,13 @@ run_workload() { # round target workload
 install_proxies
 build
 [ -x "$BENCH" ] || die "$BENCH missing"
+# Run private copies, so a rebuild during the run cannot mix versions.
+mkdir -p "$WORK/bin"
+cp "$BENCH" "$WORK/bin/wsgate-bench" || die "copying $BENCH failed"
+BENCH=$WORK/bin/wsgate-bench
+if [ -x "$WSGATE" ]; then
+    cp "$WSGATE" "$WORK/bin/wsgate" && WSGATE=$WORK/bin/wsgate
+fi
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -350,7 +358,9 @@ build
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
     echo "nginx: $(nginx -v 2>&1)"
     echo "haproxy: $(haproxy -v 2>/dev/null | head -n 1)"
-    echo "wsgate: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null) $([ -x "$WSGATE" ] && echo built || echo missing)"
+    dirty=$(git -C "$ROOT" status --porcelain -- src Cargo.toml 2>/dev/null | grep -q . && echo " + uncommitted changes in src/")
+    echo "wsgate: commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$dirty, binary $([ -x "$WSGATE" ] && echo present || echo missing)"
+    echo "loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "knobs: ROUNDS=$ROUNDS TARGETS='$TARGETS' WORKLOADS='$WORKLOADS' DURATION=$DURATION SESSIONS=$SESSIONS WINDOW=$WINDOW IDLE_SESSIONS=$IDLE_SESSIONS IDLE_HOLD=$IDLE_HOLD HS_SESSIONS=$HS_SESSIONS HS_CONCURRENCY=$HS_CONCURRENCY NSOURCES=$NSOURCES PROXY_CPU=$PROXY_CPU LOAD_CPU=$LOAD_CPU"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2

@@ -96,10 +96,7 @@ async fn serve(mut sock: TcpStream) -> Result<(), BoxError> {
     loop {
         // Echo everything that is complete in the buffer.
         let mut closing = false;
-        loop {
-            let Some(h) = ws::parse_header(&rbuf, MAX_PAYLOAD)? else {
-                break;
-            };
+        while let Some(h) = ws::parse_header(&rbuf, MAX_PAYLOAD)? {
             if rbuf.len() < h.frame_len() {
                 rbuf.reserve(h.frame_len() - rbuf.len());
                 break;

@@ -290,7 +290,7 @@ mod tests {
     fn accept_key_rfc_example() {
         assert_eq!(
             accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaOo0eMGjWwHUT1Ctw="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 }
