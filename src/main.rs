@@ -1,1 +1,203 @@
-fn main() {}
+//! The `wsgate` command line: `run` (default), `check`, `demo`, `token`.
+
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use wsgate::config::{Config, LogFormat};
+use wsgate::lifecycle::{self, RunError};
+
+#[derive(Parser)]
+#[command(name = "wsgate", version, about = "TLS-terminating WebSocket security proxy for legacy chat backends")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Config file (for the default `run`).
+    #[arg(long, global = true, default_value = "wsgate.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Run,
+    /// Validate config, keys and certificates; print a summary; exit 0 or 2.
+    Check,
+    /// Self-signed certificate, built-in chat backend and page, a demo token; until Ctrl-C.
+    Demo {
+        /// Address of the TLS listener.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+    },
+    /// Print an HS256 development token, alone on stdout.
+    Token {
+        /// Environment variable holding the HMAC secret (32 bytes or more).
+        #[arg(long)]
+        secret_env: String,
+        /// `sub` claim.
+        #[arg(long)]
+        sub: String,
+        /// Lifetime, e.g. "1h".
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// `aud` claim.
+        #[arg(long)]
+        aud: Option<String>,
+        /// `iss` claim.
+        #[arg(long)]
+        iss: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(cli.config),
+        Command::Check => check(cli.config),
+        Command::Demo { listen } => demo(listen),
+        Command::Token { secret_env, sub, ttl, aud, iss } => {
+            let Some(secret) = std::env::var_os(&secret_env) else {
+                eprintln!("wsgate token: environment variable {secret_env} is not set");
+                return ExitCode::from(2);
+            };
+            match wsgate::token_cmd::mint(secret.as_encoded_bytes(), &sub, ttl, aud.as_deref(), iss.as_deref()) {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("wsgate token: {secret_env}: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsgate: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Reports a fatal error in the configured log format (JSON lines stay JSON), then exits.
+fn fail(format: LogFormat, code: u8, msg: &str) -> ExitCode {
+    match format {
+        LogFormat::Json => eprintln!("{}", serde_json::json!({"level": "ERROR", "event": "fatal", "message": msg})),
+        LogFormat::Text => eprintln!("wsgate: {msg}"),
+    }
+    ExitCode::from(code)
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return fail(LogFormat::Json, 2, &e.to_string()),
+    };
+    let format = config.log.format;
+    wsgate::logging::init(format, &config.log.level);
+    let rt = runtime();
+    match rt.block_on(lifecycle::run(config, Some(path), |_| {})) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(RunError::Config(e)) => fail(format, 2, &e.to_string()),
+        Err(RunError::Runtime(e)) => fail(format, 1, &e),
+    }
+}
+
+fn check(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wsgate check: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = runtime();
+    match rt.block_on(wsgate::state::Policy::build(config)) {
+        Ok(p) => {
+            let c = &p.config;
+            println!("configuration {} is valid", path.display());
+            println!("  listen:      {:?}", c.server.listen.addrs());
+            println!("  backend:     {} (connect_timeout {})", c.backend.url, c.backend.connect_timeout);
+            for cert in &p.certs {
+                println!("  certificate: {} (expires at unix {})", cert.server_name, cert.not_after);
+            }
+            if c.origin.allow_any {
+                println!("  origin:      any (allow_any = true)");
+            } else {
+                println!("  origin:      {:?} (allow_missing = {})", c.origin.allow, c.origin.allow_missing);
+            }
+            match &p.auth {
+                Some(_) => println!("  auth:        jwt {:?}, sources {:?}", c.auth.algorithms(), c.auth.sources()),
+                None => println!("  auth:        none"),
+            }
+            let l = &c.limits;
+            println!(
+                "  limits:      {}/ip, {} total, frame {}, message {}, {} msg/s, {}/s",
+                l.max_connections_per_ip,
+                c.server.max_connections,
+                l.max_frame_size,
+                l.max_message_size,
+                l.messages_per_second,
+                l.bytes_per_second
+            );
+            println!("  admin:       {}", c.admin.listen);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wsgate check: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn demo(listen: SocketAddr) -> ExitCode {
+    let rt = runtime();
+    rt.block_on(async move {
+        let dir = match tempdir() {
+            Ok(d) => d,
+            Err(e) => return fail(LogFormat::Text, 1, &e),
+        };
+        let backend = match wsgate::demo::start_chat_backend().await {
+            Ok(a) => a,
+            Err(e) => return fail(LogFormat::Text, 1, &format!("demo backend: {e}")),
+        };
+        let (config, info) = match wsgate::demo::prepare(&dir, listen, backend) {
+            Ok(x) => x,
+            Err(e) => return fail(LogFormat::Text, 1, &e),
+        };
+        wsgate::logging::init(LogFormat::Text, &config.log.level);
+        let result = lifecycle::run(config, None, |bound| {
+            println!();
+            println!("wsgate demo is running (Ctrl-C to stop)");
+            println!("  page:      {}#token={}", info.page_url, info.token);
+            println!("  websocket: {}", info.ws_url);
+            println!("  origin:    {}", info.origin);
+            println!("  admin:     http://{}/metrics", bound.admin);
+            println!("  token:     {}", info.token);
+            println!("  cert:      {} (self-signed; accept it in the browser)", dir.join("cert.pem").display());
+            println!();
+        })
+        .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(RunError::Config(e)) => fail(LogFormat::Text, 2, &e.to_string()),
+            Err(RunError::Runtime(e)) => fail(LogFormat::Text, 1, &e),
+        }
+    })
+}
+
+fn tempdir() -> Result<PathBuf, String> {
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).map_err(|e| e.to_string())?;
+    let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = std::env::temp_dir().join(format!("wsgate-demo-{name}"));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    Ok(dir)
+}

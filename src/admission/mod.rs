@@ -1,0 +1,153 @@
+//! Admission at the handshake: everything that decides whether a session may start, in the
+//! order of DESIGN.md's Admission table (cheapest first; the first failure answers).
+//!
+//! - [`origin`]: the Origin allowlist (CSWSH).
+//! - [`auth`]: JWT verification and key sources.
+//! - [`token`]: token sources and scrubbing them from the backend request.
+//! - [`client_ip`]: the client address behind trusted proxies.
+//! - [`proxy_protocol`]: PROXY v1/v2 headers from trusted balancers.
+//! - [`limits`]: per-IP caps and handshake rates, the global cap, the pending-handshake guard.
+
+pub mod auth;
+pub mod client_ip;
+pub mod limits;
+pub mod origin;
+pub mod proxy_protocol;
+pub mod token;
+
+use crate::relay::SessionPolicy;
+use crate::state::{Policy, Shared};
+use crate::upstream::BackendRequest;
+use hyper::header::{HeaderName, HeaderValue, ORIGIN};
+use hyper::{HeaderMap, StatusCode};
+use limits::{GlobalPermit, IpKey, SessionPermit};
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A refused handshake: the status, the metric/log reason and extra response headers.
+#[derive(Debug)]
+pub struct Rejection {
+    /// HTTP status sent to the client.
+    pub status: StatusCode,
+    /// `wsgate_handshakes_total{result}` and the log's `reason`.
+    pub reason: &'static str,
+    /// `WWW-Authenticate`, `Retry-After`, …
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Rejection {
+    /// A rejection without extra headers.
+    pub fn new(status: StatusCode, reason: &'static str) -> Rejection {
+        Rejection { status, reason, headers: Vec::new() }
+    }
+
+    /// Adds a response header.
+    pub fn with(mut self, name: HeaderName, value: HeaderValue) -> Rejection {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+/// What an admitted session carries into the relay: its permits (released on drop, on every
+/// path), its policy, and the request for the backend.
+pub struct Admitted {
+    /// The backend request, scrubbed.
+    pub backend_request: BackendRequest,
+    /// Limits and timers, fixed at admission.
+    pub policy: SessionPolicy,
+    /// `sub` claim, for logs.
+    pub sub: Option<String>,
+    /// The token came as a subprotocol: answer `access_token` if the backend picks none.
+    pub token_in_protocol: bool,
+    /// Per-IP session slot.
+    pub ip_permit: SessionPermit,
+    /// Global session slot.
+    pub global_permit: GlobalPermit,
+}
+
+/// Checks the per-IP handshake rate (every upgrade attempt and passthrough request counts).
+pub fn check_rate(shared: &Shared, policy: &Policy, client_ip: IpAddr) -> Result<IpKey, Rejection> {
+    let key = IpKey::from_config(client_ip, &policy.config.limits);
+    shared.limiter.check_handshake(key, &policy.ip_limits).map_err(|retry| {
+        let secs = retry.as_secs().max(1).to_string();
+        Rejection::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+            .with(hyper::header::RETRY_AFTER, HeaderValue::from_str(&secs).unwrap_or(HeaderValue::from_static("1")))
+    })?;
+    Ok(key)
+}
+
+/// Runs the admission checks after the request was recognised as a well-formed upgrade.
+pub async fn admit(
+    shared: &Shared,
+    policy: &Policy,
+    headers: &HeaderMap,
+    path_and_query: &str,
+    client_ip: IpAddr,
+) -> Result<Admitted, Rejection> {
+    let key = check_rate(shared, policy, client_ip)?;
+
+    if !policy.origin.allows(headers.get(ORIGIN).map(|v| v.as_bytes())) {
+        return Err(Rejection::new(StatusCode::FORBIDDEN, "origin_denied"));
+    }
+
+    let offered = token::offered_protocols(headers);
+    let mut session = policy.session.clone();
+    let mut sub = None;
+    let mut extra = Vec::new();
+    let mut token_in_protocol = false;
+    if let Some(auth) = &policy.auth {
+        let query = path_and_query.split_once('?').map(|(_, q)| q);
+        let Some(found) = token::extract(&policy.sources, headers, query, &offered) else {
+            return Err(Rejection::new(StatusCode::UNAUTHORIZED, "token_missing")
+                .with(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        };
+        let verified = auth.verify(&found.token).await.map_err(|_| {
+            Rejection::new(StatusCode::UNAUTHORIZED, "token_invalid")
+                .with(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""))
+        })?;
+        token_in_protocol = found.source == crate::config::TokenSource::Subprotocol;
+        sub = verified.claims.get("sub").and_then(|v| v.as_str()).map(str::to_string);
+        for (claim, header) in &policy.claims {
+            let value = match verified.claims.get(claim) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Null) | None => continue,
+                Some(other) => other.to_string(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                extra.push((header.clone(), v));
+            }
+        }
+        if policy.config.auth.expire_sessions() {
+            session.expires_at = Some(expiry_instant(verified.exp, auth.leeway()));
+        }
+    }
+
+    let ip_permit = shared
+        .limiter
+        .acquire_session(key, &policy.ip_limits)
+        .ok_or_else(|| Rejection::new(StatusCode::TOO_MANY_REQUESTS, "ip_cap"))?;
+    let global_permit = shared
+        .global
+        .try_acquire(policy.config.server.max_connections)
+        .ok_or_else(|| Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "global_cap"))?;
+
+    let mut client_headers = headers.clone();
+    token::scrub_headers(&mut client_headers, &policy.sources);
+    let drop: Vec<HeaderName> = policy.claims.iter().map(|(_, h)| h.clone()).collect();
+    let backend_request = BackendRequest::new(
+        token::scrub_path(path_and_query, &policy.sources),
+        &client_headers,
+        &drop,
+        client_ip,
+        extra,
+        token::protocols_for_backend(&offered, &policy.sources),
+    );
+    Ok(Admitted { backend_request, policy: session, sub, token_in_protocol, ip_permit, global_permit })
+}
+
+/// `exp + leeway` (Unix seconds) as a monotonic instant.
+fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
+    let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let at = Duration::from_secs(exp) + leeway;
+    Instant::now() + at.saturating_sub(now_unix)
+}

@@ -1,0 +1,211 @@
+//! Where a token is found (`auth.sources`, in order) and how every configured carrier is
+//! scrubbed from what the backend receives, so the token never reaches it.
+
+use crate::config::TokenSource;
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, COOKIE, SEC_WEBSOCKET_PROTOCOL};
+
+/// The subprotocol name that announces a token as the next entry (DESIGN.md, fine print).
+pub const TOKEN_PROTOCOL: &str = "access_token";
+
+/// A token and the carrier it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The raw token text (never logged).
+    pub token: String,
+    /// Its carrier.
+    pub source: TokenSource,
+}
+
+/// The client's offered subprotocols, in order, split on commas and trimmed.
+pub fn offered_protocols(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Index of the `access_token, <jwt>` pair in the offered protocols.
+fn token_pair(protocols: &[String]) -> Option<usize> {
+    protocols.iter().position(|p| p == TOKEN_PROTOCOL).filter(|i| i + 1 < protocols.len())
+}
+
+/// The offered protocols without the token pair (what the backend is offered).
+pub fn protocols_for_backend(protocols: &[String], sources: &[TokenSource]) -> Vec<String> {
+    let mut out = protocols.to_vec();
+    if sources.contains(&TokenSource::Subprotocol) {
+        if let Some(i) = token_pair(&out) {
+            out.drain(i..i + 2);
+        }
+    }
+    out
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k.trim() == name).then(|| v.trim().trim_matches('"'))
+    })
+}
+
+/// A `Bearer` credential, if the Authorization header carries a non-empty one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    let t = rest.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !t.is_empty()).then_some(t)
+}
+
+/// Looks for a token in the configured sources, in order. `Basic` credentials and empty
+/// values count as missing.
+pub fn extract(
+    sources: &[TokenSource],
+    headers: &HeaderMap,
+    query: Option<&str>,
+    protocols: &[String],
+) -> Option<Found> {
+    for s in sources {
+        let t = match s {
+            TokenSource::Header => bearer(headers),
+            TokenSource::Query(n) => query.and_then(|q| query_param(q, n)),
+            TokenSource::Cookie(n) => cookie(headers, n),
+            TokenSource::Subprotocol => token_pair(protocols).map(|i| protocols[i + 1].as_str()),
+        };
+        if let Some(t) = t.filter(|t| !t.is_empty()) {
+            return Some(Found { token: t.to_string(), source: s.clone() });
+        }
+    }
+    None
+}
+
+/// The path and query with every configured token query parameter removed.
+pub fn scrub_path(path_and_query: &str, sources: &[TokenSource]) -> String {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return path_and_query.to_string();
+    };
+    let names: Vec<&str> = sources
+        .iter()
+        .filter_map(|s| match s {
+            TokenSource::Query(n) => Some(n.as_str()),
+            _ => None,
+        })
+        .collect();
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|kv| {
+            let k = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
+            !kv.is_empty() && !names.contains(&k)
+        })
+        .collect();
+    if kept.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    }
+}
+
+/// Removes every configured token carrier from headers bound for the backend: a `Bearer`
+/// Authorization header (other schemes pass), and the token cookies (other cookies pass).
+pub fn scrub_headers(headers: &mut HeaderMap, sources: &[TokenSource]) {
+    if sources.contains(&TokenSource::Header) {
+        let is_bearer = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.trim()
+                    .split_once(' ')
+                    .map(|(s, _)| s.eq_ignore_ascii_case("bearer"))
+                    .or(Some(v.trim().eq_ignore_ascii_case("bearer")))
+            })
+            .unwrap_or(false);
+        if is_bearer {
+            headers.remove(AUTHORIZATION);
+        }
+    }
+    let names: Vec<&str> = sources
+        .iter()
+        .filter_map(|s| match s {
+            TokenSource::Cookie(n) => Some(n.as_str()),
+            _ => None,
+        })
+        .collect();
+    if names.is_empty() || !headers.contains_key(COOKIE) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .filter(|c| {
+            let k = c.split_once('=').map(|(k, _)| k.trim()).unwrap_or(c);
+            !names.contains(&k)
+        })
+        .map(str::to_string)
+        .collect();
+    headers.remove(COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(COOKIE, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<TokenSource> {
+        ["header", "query:access_token", "cookie:access_token", "subprotocol"]
+            .iter()
+            .map(|s| TokenSource::parse(s).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn sources_in_order_and_missing_cases() {
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
+        h.insert(COOKIE, HeaderValue::from_static("a=1; access_token=CK"));
+        let f = extract(&all(), &h, Some("x=1&access_token=QT"), &[]).unwrap();
+        assert_eq!(f, Found { token: "QT".into(), source: TokenSource::Query("access_token".into()) });
+        let f = extract(&all(), &h, None, &[]).unwrap();
+        assert_eq!(f.token, "CK");
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        h.remove(COOKIE);
+        assert_eq!(extract(&all(), &h, Some("access_token="), &[]), None);
+        let protos = vec!["chat".to_string(), "access_token".into(), "JWT".into()];
+        assert_eq!(extract(&all(), &h, None, &protos).unwrap().token, "JWT");
+        assert_eq!(protocols_for_backend(&protos, &all()), vec!["chat"]);
+    }
+
+    #[test]
+    fn scrubbing() {
+        assert_eq!(scrub_path("/c?access_token=x&room=1", &all()), "/c?room=1");
+        assert_eq!(scrub_path("/c?access_token=x", &all()), "/c");
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        h.append(COOKIE, HeaderValue::from_static("a=1; access_token=CK"));
+        h.append(COOKIE, HeaderValue::from_static("b=2"));
+        scrub_headers(&mut h, &all());
+        assert!(h.get(AUTHORIZATION).is_none());
+        assert_eq!(h.get(COOKIE).unwrap(), "a=1; b=2");
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        scrub_headers(&mut h, &all());
+        assert!(h.get(AUTHORIZATION).is_some());
+    }
+}

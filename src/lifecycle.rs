@@ -1,0 +1,96 @@
+//! The process lifecycle: bind, serve, tell systemd, reload on SIGHUP, drain on SIGTERM/SIGINT.
+
+use crate::config::{Config, ConfigError};
+use crate::state::{Policy, Shared};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Why `run` failed: exit code 2 for configuration problems, 1 for runtime failures.
+#[derive(Debug)]
+pub enum RunError {
+    /// A config, key or certificate problem (exit 2).
+    Config(ConfigError),
+    /// Anything else, e.g. a listen address in use (exit 1).
+    Runtime(String),
+}
+
+/// Addresses actually bound (port 0 resolved), reported to the caller (demo, tests).
+#[derive(Debug, Clone)]
+pub struct Bound {
+    /// TLS listeners.
+    pub listen: Vec<SocketAddr>,
+    /// Admin listener.
+    pub admin: SocketAddr,
+}
+
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    // Not running under systemd (no NOTIFY_SOCKET) is fine.
+    let _ = sd_notify::notify(false, state);
+}
+
+/// Builds the policy, binds, serves until a drain completes. `on_bound` is called once the
+/// listeners are up.
+pub async fn run(config: Config, path: Option<PathBuf>, on_bound: impl FnOnce(&Bound)) -> Result<(), RunError> {
+    let policy = Policy::build(config).await.map_err(RunError::Config)?;
+    let listen_addrs = policy.config.server.listen.addrs();
+    let admin_addr = policy.config.admin.listen;
+    let listeners = crate::server::bind(&listen_addrs).await.map_err(|e| RunError::Runtime(e.to_string()))?;
+    let admin = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(|e| RunError::Runtime(format!("admin.listen {admin_addr}: {e}")))?;
+    let bound = Bound {
+        listen: listeners.iter().filter_map(|l| l.local_addr().ok()).collect(),
+        admin: admin.local_addr().unwrap_or(admin_addr),
+    };
+    let shared = Shared::new(policy, path);
+    shared.spawn_sweeper();
+    tokio::spawn(crate::admin::serve(shared.clone(), admin));
+    let server = tokio::spawn(crate::server::serve(shared.clone(), listeners));
+    tracing::info!(event = "started", listen = ?bound.listen, admin = %bound.admin, "wsgate is serving");
+    on_bound(&bound);
+    notify(&[sd_notify::NotifyState::Ready]);
+
+    wait_for_stop(&shared).await;
+
+    notify(&[sd_notify::NotifyState::Stopping]);
+    let grace = shared.policy.load().config.server.shutdown_grace.get();
+    tracing::info!(event = "draining", sessions = shared.global.active(), grace_ms = grace.as_millis() as u64);
+    shared.begin_drain();
+    let _ = server.await;
+    if tokio::time::timeout(grace, shared.tasks.wait()).await.is_err() {
+        tracing::warn!(
+            event = "drain_timeout",
+            sessions = shared.global.active(),
+            "shutdown_grace passed; exiting with sessions still open"
+        );
+    }
+    tracing::info!(event = "stopped");
+    Ok(())
+}
+
+/// Handles SIGHUP (reload) until SIGTERM or SIGINT.
+async fn wait_for_stop(shared: &Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!(event = "signals", "cannot install signal handlers; serving until killed");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                // systemd >= 253 wants MONOTONIC_USEC with RELOADING=1.
+                match sd_notify::NotifyState::monotonic_usec_now() {
+                    Ok(m) => notify(&[sd_notify::NotifyState::Reloading, m]),
+                    Err(_) => notify(&[sd_notify::NotifyState::Reloading]),
+                }
+                let _ = shared.reload().await;
+                notify(&[sd_notify::NotifyState::Ready]);
+            }
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+        }
+    }
+}

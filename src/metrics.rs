@@ -1,0 +1,182 @@
+//! Prometheus metrics (prometheus-client), named as DESIGN.md's Operations section lists.
+//!
+//! The relay never touches these per frame: sessions keep local counters and add deltas on
+//! their keepalive tick and at the end ([`crate::relay::TrafficSink`]).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// `result` label of handshakes and reloads.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// e.g. `accepted`, `origin_denied`.
+    pub result: &'static str,
+}
+
+/// Labels of `wsgate_closes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    /// Close code as text.
+    pub code: String,
+    /// `client`, `backend` or `proxy`.
+    pub initiator: &'static str,
+}
+
+/// `direction` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirLabel {
+    /// `client_to_backend` or `backend_to_client`.
+    pub direction: &'static str,
+}
+
+/// `server_name` label of the certificate expiry gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertLabel {
+    /// The certificate's first DNS name.
+    pub server_name: String,
+}
+
+/// Every metric wsgate exports.
+pub struct Metrics {
+    registry: Registry,
+    /// `wsgate_sessions_active`
+    pub sessions_active: Gauge,
+    /// `wsgate_handshakes_total{result}`
+    pub handshakes: Family<ResultLabel, Counter>,
+    /// `wsgate_closes_total{code,initiator}`
+    pub closes: Family<CloseLabels, Counter>,
+    c2b_msgs: Counter,
+    c2b_bytes: Counter,
+    b2c_msgs: Counter,
+    b2c_bytes: Counter,
+    /// `wsgate_rate_limited_messages_total`
+    pub rate_limited: Counter,
+    /// `wsgate_handshake_duration_seconds`
+    pub handshake_duration: Histogram,
+    /// `wsgate_config_reloads_total{result}`
+    pub config_reloads: Family<ResultLabel, Counter>,
+    /// `wsgate_tls_certificate_expiry_timestamp_seconds{server_name}`
+    pub cert_expiry: Family<CertLabel, Gauge>,
+    /// `wsgate_backend_connect_errors_total{result}` (`backend_unreachable`, `backend_timeout`)
+    pub backend_errors: Family<ResultLabel, Counter>,
+    /// `wsgate_per_ip_tracked_keys`
+    pub per_ip_keys: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut r = Registry::default();
+        let sessions_active = Gauge::default();
+        r.register("wsgate_sessions_active", "Proxied WebSocket sessions open now", sessions_active.clone());
+        let handshakes = Family::<ResultLabel, Counter>::default();
+        r.register("wsgate_handshakes", "Upgrade attempts by result", handshakes.clone());
+        let closes = Family::<CloseLabels, Counter>::default();
+        r.register("wsgate_closes", "Sessions ended, by close code and who started the close", closes.clone());
+        let messages = Family::<DirLabel, Counter>::default();
+        r.register("wsgate_messages", "Messages relayed", messages.clone());
+        let bytes = Family::<DirLabel, Counter>::default();
+        r.register("wsgate_bytes", "Payload bytes relayed", bytes.clone());
+        let rate_limited = Counter::default();
+        r.register(
+            "wsgate_rate_limited_messages",
+            "Client messages dropped or refused by a rate limit",
+            rate_limited.clone(),
+        );
+        let handshake_duration =
+            Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        r.register(
+            "wsgate_handshake_duration_seconds",
+            "Time from the upgrade request to its answer",
+            handshake_duration.clone(),
+        );
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        r.register("wsgate_config_reloads", "Configuration reloads by result", config_reloads.clone());
+        let cert_expiry = Family::<CertLabel, Gauge>::default();
+        r.register(
+            "wsgate_tls_certificate_expiry_timestamp_seconds",
+            "notAfter of each served certificate, seconds since the epoch",
+            cert_expiry.clone(),
+        );
+        let backend_errors = Family::<ResultLabel, Counter>::default();
+        r.register("wsgate_backend_connect_errors", "Failed backend handshakes", backend_errors.clone());
+        let per_ip_keys = Gauge::default();
+        r.register(
+            "wsgate_per_ip_tracked_keys",
+            "Client IP prefixes tracked by the per-IP limiter",
+            per_ip_keys.clone(),
+        );
+        let dir = |d| DirLabel { direction: d };
+        let c2b_msgs = messages.get_or_create(&dir("client_to_backend")).clone();
+        let c2b_bytes = bytes.get_or_create(&dir("client_to_backend")).clone();
+        let b2c_msgs = messages.get_or_create(&dir("backend_to_client")).clone();
+        let b2c_bytes = bytes.get_or_create(&dir("backend_to_client")).clone();
+        Metrics {
+            c2b_msgs,
+            c2b_bytes,
+            b2c_msgs,
+            b2c_bytes,
+            registry: r,
+            sessions_active,
+            handshakes,
+            closes,
+            rate_limited,
+            handshake_duration,
+            config_reloads,
+            cert_expiry,
+            backend_errors,
+            per_ip_keys,
+        }
+    }
+
+    /// Counts one handshake outcome.
+    pub fn handshake(&self, result: &'static str) {
+        self.handshakes.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Counts one session end.
+    pub fn close(&self, code: u16, initiator: &'static str) {
+        self.closes.get_or_create(&CloseLabels { code: code.to_string(), initiator }).inc();
+    }
+
+    /// Counts one reload.
+    pub fn reload(&self, result: &'static str) {
+        self.config_reloads.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// Sets the expiry gauges for the loaded certificates.
+    pub fn set_certs(&self, certs: &[crate::tls::CertInfo]) {
+        self.cert_expiry.clear();
+        for c in certs {
+            self.cert_expiry.get_or_create(&CertLabel { server_name: c.server_name.clone() }).set(c.not_after);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl crate::relay::TrafficSink for Metrics {
+    fn add(&self, c2b_msgs: u64, c2b_bytes: u64, b2c_msgs: u64, b2c_bytes: u64, rate_limited: u64) {
+        self.c2b_msgs.inc_by(c2b_msgs);
+        self.c2b_bytes.inc_by(c2b_bytes);
+        self.b2c_msgs.inc_by(b2c_msgs);
+        self.b2c_bytes.inc_by(b2c_bytes);
+        self.rate_limited.inc_by(rate_limited);
+    }
+}

@@ -1,0 +1,635 @@
+//! The frame pump of one session: a single task drives both sockets and one timer.
+//!
+//! Why one hand-written poll loop instead of two tasks around `read_frame`: no lock between
+//! halves of a TLS stream, no cancel-safety trap, and batching. Bytes are read into a
+//! per-thread scratch buffer, every whole frame in it is checked and re-masked in place, and
+//! the run of frames to forward is written with one `poll_write` (one TLS record batch, one
+//! syscall). Only an incomplete frame or output the peer has not taken yet is kept per
+//! session, so an idle session holds no buffers at all.
+
+use super::flow::{Flow, Source, Stop, Violation};
+use super::frame::{self, MaskGen, OP_CLOSE, OP_PING};
+use super::policy::SessionPolicy;
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+/// How long a close handshake may take before the sockets are dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Stop reading a peer while this much output is waiting for either side (backpressure).
+const HIGH_WATER: usize = 256 * 1024;
+/// Size of the per-thread read buffer.
+const SCRATCH: usize = 64 * 1024;
+/// Loop turns per poll before yielding to other tasks.
+const MAX_TURNS: usize = 64;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; SCRATCH]);
+}
+
+/// Who started the close that ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    /// The client sent a close or went away.
+    Client,
+    /// The backend sent a close.
+    Backend,
+    /// The proxy closed (policy, timeout, shutdown, backend vanished).
+    Proxy,
+}
+
+impl Initiator {
+    /// Label value for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Initiator::Client => "client",
+            Initiator::Backend => "backend",
+            Initiator::Proxy => "proxy",
+        }
+    }
+}
+
+/// How a session ended, for the session-end log line and metrics.
+#[derive(Debug, Clone)]
+pub struct SessionEnd {
+    /// The close code that ended the session (1006 when a peer vanished without one).
+    pub code: u16,
+    /// Who started it.
+    pub initiator: Initiator,
+    /// Why, when the proxy closed.
+    pub reason: &'static str,
+    /// Messages and payload bytes from the client.
+    pub msgs_in: u64,
+    /// Payload bytes from the client.
+    pub bytes_in: u64,
+    /// Messages to the client.
+    pub msgs_out: u64,
+    /// Payload bytes to the client.
+    pub bytes_out: u64,
+    /// Messages refused or dropped by the rate limit.
+    pub rate_limited: u64,
+}
+
+/// Live traffic counters, flushed to the global metrics now and then (not per frame).
+pub trait TrafficSink: Send + Sync {
+    /// Adds deltas: client→backend messages and bytes, backend→client messages and bytes,
+    /// rate-limited messages.
+    fn add(&self, c2b_msgs: u64, c2b_bytes: u64, b2c_msgs: u64, b2c_bytes: u64, rate_limited: u64);
+}
+
+/// One socket with its pending output and close state.
+struct Side<S> {
+    io: S,
+    /// Start of an incomplete frame (empty when none).
+    rbuf: Vec<u8>,
+    /// Size of that frame, once its header is known.
+    need: usize,
+    /// `rbuf` holds bytes not yet processed (handshake leftovers).
+    unprocessed: bool,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    flush_pending: bool,
+    /// No more frames will be read from this peer.
+    read_done: bool,
+    /// A close was sent to this peer (nothing else may follow).
+    close_sent: bool,
+    /// The socket failed or hit EOF.
+    dead: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Side<S> {
+    fn new(io: S, pre: Vec<u8>) -> Side<S> {
+        Side {
+            io,
+            unprocessed: !pre.is_empty(),
+            rbuf: pre,
+            need: 0,
+            wbuf: Vec::new(),
+            wpos: 0,
+            flush_pending: false,
+            read_done: false,
+            close_sent: false,
+            dead: false,
+        }
+    }
+
+    fn pending_out(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    /// Writes `data` now if nothing is queued before it; queues what the socket did not take.
+    fn send(&mut self, cx: &mut Context<'_>, data: &[u8]) {
+        if self.dead || data.is_empty() {
+            return;
+        }
+        let mut off = 0;
+        if self.pending_out() == 0 {
+            while off < data.len() {
+                match Pin::new(&mut self.io).poll_write(cx, &data[off..]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        self.dead = true;
+                        return;
+                    }
+                    Poll::Ready(Ok(n)) => off += n,
+                    Poll::Pending => break,
+                }
+            }
+            self.flush_pending = true;
+        }
+        self.wbuf.extend_from_slice(&data[off..]);
+    }
+
+    /// Queues a whole control frame.
+    fn queue_frame(&mut self, opcode: u8, mask: Option<[u8; 4]>, payload: &[u8]) {
+        if !self.dead {
+            frame::write_frame(&mut self.wbuf, opcode, mask, payload);
+        }
+    }
+
+    /// Writes queued output and flushes. Returns true if anything moved.
+    fn poll_out(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.dead {
+            return false;
+        }
+        let mut moved = false;
+        while self.wpos < self.wbuf.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    self.dead = true;
+                    return true;
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.wpos += n;
+                    self.flush_pending = true;
+                    moved = true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if self.wpos == self.wbuf.len() && !self.wbuf.is_empty() {
+            // Release the buffer: idle sessions should hold none.
+            self.wbuf = Vec::new();
+            self.wpos = 0;
+        }
+        if self.flush_pending {
+            match Pin::new(&mut self.io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.flush_pending = false,
+                Poll::Ready(Err(_)) => self.dead = true,
+                Poll::Pending => {}
+            }
+        }
+        moved
+    }
+
+    /// Whether the close handshake with this peer is over.
+    fn finished(&self) -> bool {
+        self.dead || (self.close_sent && self.read_done && self.pending_out() == 0 && !self.flush_pending)
+    }
+}
+
+/// What one read-and-process turn of a direction saw.
+#[derive(Default)]
+struct Turn {
+    progressed: bool,
+    data_seen: bool,
+    pong_seen: bool,
+    eof: bool,
+    stop: Option<StopOwned>,
+}
+
+enum StopOwned {
+    Violation(Violation),
+    Close(Vec<u8>),
+}
+
+/// Reads from `src`, processes whole frames, forwards them to `dst`.
+#[allow(clippy::too_many_arguments)]
+fn pump<S, T>(
+    cx: &mut Context<'_>,
+    src: &mut Side<S>,
+    dst: &mut Side<T>,
+    flow: &mut Flow,
+    policy: &SessionPolicy,
+    now: Instant,
+    masks: &mut MaskGen,
+    scratch: &mut [u8],
+) -> Turn
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut turn = Turn::default();
+    if src.read_done || src.dead {
+        return turn;
+    }
+    if dst.pending_out() > HIGH_WATER || src.pending_out() > HIGH_WATER {
+        // The other side is slow: stop reading (TCP backpressure reaches the sender).
+        return turn;
+    }
+    let discard = dst.close_sent;
+    if src.rbuf.is_empty() {
+        let mut rb = ReadBuf::new(scratch);
+        match Pin::new(&mut src.io).poll_read(cx, &mut rb) {
+            Poll::Pending => return turn,
+            Poll::Ready(Err(_)) => {
+                turn.eof = true;
+                return turn;
+            }
+            Poll::Ready(Ok(())) => {}
+        }
+        let n = rb.filled().len();
+        if n == 0 {
+            turn.eof = true;
+            return turn;
+        }
+        turn.progressed = true;
+        let consumed = process(cx, &mut scratch[..n], src, dst, flow, policy, now, masks, discard, &mut turn);
+        if turn.stop.is_none() && consumed < n {
+            src.rbuf.reserve_exact(src.need.max(n - consumed));
+            src.rbuf.extend_from_slice(&scratch[consumed..n]);
+        }
+    } else {
+        if !src.unprocessed {
+            let want = src.need.max(src.rbuf.len() + 4096);
+            src.rbuf.reserve(want - src.rbuf.len());
+            let spare = src.rbuf.spare_capacity_mut();
+            let mut rb = ReadBuf::uninit(spare);
+            match Pin::new(&mut src.io).poll_read(cx, &mut rb) {
+                Poll::Pending => return turn,
+                Poll::Ready(Err(_)) => {
+                    turn.eof = true;
+                    return turn;
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            let n = rb.filled().len();
+            if n == 0 {
+                turn.eof = true;
+                return turn;
+            }
+            // SAFETY: `n` bytes of the spare capacity were initialised by the read.
+            unsafe { src.rbuf.set_len(src.rbuf.len() + n) };
+        }
+        src.unprocessed = false;
+        turn.progressed = true;
+        let mut buf = std::mem::take(&mut src.rbuf);
+        let consumed = process(cx, &mut buf, src, dst, flow, policy, now, masks, discard, &mut turn);
+        buf.drain(..consumed);
+        if buf.is_empty() {
+            buf = Vec::new();
+        } else if buf.capacity() > 4 * buf.len().max(16 * 1024) && src.need <= buf.len() {
+            buf.shrink_to_fit();
+        }
+        src.rbuf = buf;
+    }
+    if src.rbuf.is_empty() {
+        src.need = 0;
+    }
+    turn
+}
+
+/// Runs the flow over `buf` until it needs more bytes or stops; returns bytes consumed.
+#[allow(clippy::too_many_arguments)]
+fn process<S, T>(
+    cx: &mut Context<'_>,
+    buf: &mut [u8],
+    src: &mut Side<S>,
+    dst: &mut Side<T>,
+    flow: &mut Flow,
+    policy: &SessionPolicy,
+    now: Instant,
+    masks: &mut MaskGen,
+    discard: bool,
+    turn: &mut Turn,
+) -> usize
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut pos = 0;
+    loop {
+        let step = flow.process(&mut buf[pos..], policy, now, discard, masks, &mut src.wbuf);
+        for &(a, b) in &step.segs[..step.nsegs] {
+            dst.send(cx, &buf[pos + a..pos + b]);
+        }
+        turn.data_seen |= step.data_seen;
+        turn.pong_seen |= step.pong_seen;
+        src.need = step.need;
+        match step.stop {
+            Some(Stop::Violation(v)) => {
+                turn.stop = Some(StopOwned::Violation(v));
+                return pos + step.consumed;
+            }
+            Some(Stop::Close(a, b)) => {
+                turn.stop = Some(StopOwned::Close(buf[pos + a..pos + b].to_vec()));
+                return pos + step.consumed;
+            }
+            None => {}
+        }
+        pos += step.consumed;
+        if step.consumed == 0 || pos == buf.len() {
+            return pos;
+        }
+    }
+}
+
+/// Session state besides the sockets.
+struct State {
+    policy: SessionPolicy,
+    c2b: Flow,
+    b2c: Flow,
+    masks: MaskGen,
+    end: Option<(u16, Initiator, &'static str)>,
+    closing_deadline: Option<Instant>,
+    last_activity: Instant,
+    next_ping: Instant,
+    awaiting_pong: bool,
+    flushed: [u64; 5],
+}
+
+impl State {
+    fn record_end(&mut self, code: u16, who: Initiator, reason: &'static str, now: Instant) {
+        if self.end.is_none() {
+            self.end = Some((code, who, reason));
+        }
+        self.closing_deadline.get_or_insert(now + CLOSE_TIMEOUT);
+    }
+
+    fn flush_metrics(&mut self, sink: &dyn TrafficSink) {
+        let cur = [self.c2b.msgs, self.c2b.bytes, self.b2c.msgs, self.b2c.bytes, self.c2b.rate_limited];
+        let mut d = [0u64; 5];
+        for i in 0..5 {
+            d[i] = cur[i] - self.flushed[i];
+        }
+        if d != [0; 5] {
+            sink.add(d[0], d[1], d[2], d[3], d[4]);
+        }
+        self.flushed = cur;
+    }
+
+    fn next_deadline(&self) -> Instant {
+        if let Some(d) = self.closing_deadline {
+            return d;
+        }
+        let mut d = self.next_ping.min(self.last_activity + self.policy.idle_timeout);
+        if let Some(e) = self.policy.expires_at {
+            d = d.min(e);
+        }
+        d
+    }
+}
+
+/// The proxy closes the session: `client_code` to the client, `backend_code` to the backend.
+fn proxy_close<C, B>(
+    client: &mut Side<C>,
+    backend: &mut Side<B>,
+    st: &mut State,
+    client_code: u16,
+    backend_code: u16,
+    reason: &'static str,
+    now: Instant,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    st.record_end(client_code, Initiator::Proxy, reason, now);
+    if !client.close_sent {
+        client.queue_frame(OP_CLOSE, None, &frame::close_payload(client_code, reason));
+        client.close_sent = true;
+    }
+    if !backend.close_sent {
+        let m = st.masks.next_mask();
+        backend.queue_frame(OP_CLOSE, Some(m), &frame::close_payload(backend_code, reason));
+        backend.close_sent = true;
+    }
+}
+
+/// Relays frames between an upgraded client and a connected backend until the session ends.
+///
+/// `client_pre` and `backend_pre` are bytes that arrived with the handshakes.
+#[allow(clippy::too_many_arguments)]
+pub async fn run<C, B>(
+    client: C,
+    client_pre: Vec<u8>,
+    backend: B,
+    backend_pre: Vec<u8>,
+    policy: SessionPolicy,
+    shutdown: CancellationToken,
+    traffic: &dyn TrafficSink,
+) -> SessionEnd
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let now = Instant::now();
+    let mut client = Side::new(client, client_pre);
+    let mut backend = Side::new(backend, backend_pre);
+    let mut st = State {
+        c2b: Flow::new(Source::Client, &policy, now),
+        b2c: Flow::new(Source::Backend, &policy, now),
+        masks: MaskGen::new(),
+        end: None,
+        closing_deadline: None,
+        last_activity: now,
+        next_ping: now + policy.ping_interval,
+        awaiting_pong: false,
+        flushed: [0; 5],
+        policy,
+    };
+    let timer = tokio::time::sleep_until(st.next_deadline().into());
+    tokio::pin!(timer);
+    let cancelled = shutdown.cancelled_owned();
+    tokio::pin!(cancelled);
+
+    poll_fn(|cx| {
+        for _ in 0..MAX_TURNS {
+            let mut progressed = false;
+            let now = Instant::now();
+
+            if st.end.is_none() && cancelled.as_mut().poll(cx).is_ready() {
+                proxy_close(&mut client, &mut backend, &mut st, 1001, 1001, "going away", now);
+            }
+
+            if timer.as_mut().poll(cx).is_ready() {
+                on_timer(&mut client, &mut backend, &mut st, now, traffic);
+                if st.closing_deadline.is_some_and(|d| now >= d) {
+                    return Poll::Ready(());
+                }
+                timer.as_mut().reset(st.next_deadline().into());
+                progressed = true;
+            }
+
+            progressed |= client.poll_out(cx);
+            progressed |= backend.poll_out(cx);
+
+            let turn = SCRATCH_BUF.with(|s| {
+                let mut s = s.borrow_mut();
+                pump(cx, &mut client, &mut backend, &mut st.c2b, &st.policy, now, &mut st.masks, &mut s)
+            });
+            progressed |= handle_turn(turn, Source::Client, &mut client, &mut backend, &mut st, now);
+
+            let turn = SCRATCH_BUF.with(|s| {
+                let mut s = s.borrow_mut();
+                pump(cx, &mut backend, &mut client, &mut st.b2c, &st.policy, now, &mut st.masks, &mut s)
+            });
+            progressed |= handle_turn(turn, Source::Backend, &mut backend, &mut client, &mut st, now);
+
+            if client.finished() && backend.finished() {
+                return Poll::Ready(());
+            }
+            if st.closing_deadline.is_some() && timer.deadline() != st.next_deadline().into() {
+                timer.as_mut().reset(st.next_deadline().into());
+                progressed = true;
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await;
+
+    // Best-effort graceful shutdown (TLS close_notify, FIN), bounded by the close timeout.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        use tokio::io::AsyncWriteExt;
+        if !client.dead {
+            let _ = client.io.shutdown().await;
+        }
+        if !backend.dead {
+            let _ = backend.io.shutdown().await;
+        }
+    })
+    .await;
+
+    st.flush_metrics(traffic);
+    let (code, initiator, reason) = st.end.unwrap_or((1006, Initiator::Proxy, "closed"));
+    SessionEnd {
+        code,
+        initiator,
+        reason,
+        msgs_in: st.c2b.msgs,
+        bytes_in: st.c2b.bytes,
+        msgs_out: st.b2c.msgs,
+        bytes_out: st.b2c.bytes,
+        rate_limited: st.c2b.rate_limited,
+    }
+}
+
+/// Idle, keepalive and expiry checks when the timer fires.
+fn on_timer<C, B>(client: &mut Side<C>, backend: &mut Side<B>, st: &mut State, now: Instant, traffic: &dyn TrafficSink)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    if st.closing_deadline.is_some() {
+        return;
+    }
+    if st.policy.expires_at.is_some_and(|e| now >= e) {
+        proxy_close(client, backend, st, 1008, 1001, "token expired", now);
+    } else if now >= st.last_activity + st.policy.idle_timeout {
+        proxy_close(client, backend, st, 1001, 1001, "idle timeout", now);
+    } else if now >= st.next_ping {
+        if st.awaiting_pong {
+            proxy_close(client, backend, st, 1001, 1001, "ping timeout", now);
+        } else {
+            client.queue_frame(OP_PING, None, b"wsgate");
+            st.awaiting_pong = true;
+            st.next_ping = now + st.policy.ping_interval;
+            st.flush_metrics(traffic);
+        }
+    }
+}
+
+/// Applies what a direction saw: activity, pongs, closes, violations, EOF.
+fn handle_turn<S, T>(
+    turn: Turn,
+    from: Source,
+    src: &mut Side<S>,
+    dst: &mut Side<T>,
+    st: &mut State,
+    now: Instant,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    if turn.data_seen {
+        st.last_activity = now;
+    }
+    if turn.pong_seen && from == Source::Client {
+        st.awaiting_pong = false;
+    }
+    let who = match from {
+        Source::Client => Initiator::Client,
+        Source::Backend => Initiator::Backend,
+    };
+    // Frames bound for `dst` are masked when `dst` is the backend.
+    let dst_mask = |st: &mut State| (from == Source::Client).then(|| st.masks.next_mask());
+    match turn.stop {
+        Some(StopOwned::Close(payload)) => {
+            src.read_done = true;
+            let code = if payload.len() >= 2 { u16::from_be_bytes([payload[0], payload[1]]) } else { 1005 };
+            st.record_end(code, who, "", now);
+            if !dst.close_sent {
+                let m = dst_mask(st);
+                dst.queue_frame(OP_CLOSE, m, &payload);
+                dst.close_sent = true;
+            }
+            if dst.dead && !src.close_sent {
+                // Nobody to forward to: answer the close ourselves.
+                let m = (from == Source::Backend).then(|| st.masks.next_mask());
+                src.queue_frame(OP_CLOSE, m, &payload);
+                src.close_sent = true;
+            }
+            return true;
+        }
+        Some(StopOwned::Violation(v)) => {
+            // The rest of this peer's input cannot be trusted: stop reading it.
+            src.read_done = true;
+            src.rbuf = Vec::new();
+            let (c, b) = match from {
+                Source::Client => (v.to_source, v.to_sink),
+                Source::Backend => (v.to_sink, v.to_source),
+            };
+            match from {
+                Source::Client => proxy_close(src, dst, st, c, b, v.reason, now),
+                Source::Backend => proxy_close(dst, src, st, c, b, v.reason, now),
+            }
+            return true;
+        }
+        None => {}
+    }
+    if turn.eof {
+        src.read_done = true;
+        src.dead = true;
+        if st.end.is_none() {
+            match from {
+                // The backend vanished without a close: 1011 to the client (initiator proxy).
+                Source::Backend => {
+                    st.record_end(1011, Initiator::Proxy, "backend went away", now);
+                    if !dst.close_sent {
+                        dst.queue_frame(OP_CLOSE, None, &frame::close_payload(1011, "backend went away"));
+                        dst.close_sent = true;
+                    }
+                }
+                Source::Client => {
+                    st.record_end(1006, Initiator::Client, "client went away", now);
+                    if !dst.close_sent {
+                        let m = st.masks.next_mask();
+                        dst.queue_frame(OP_CLOSE, Some(m), &frame::close_payload(1001, "client went away"));
+                        dst.close_sent = true;
+                    }
+                }
+            }
+        } else {
+            st.closing_deadline.get_or_insert(now + CLOSE_TIMEOUT);
+        }
+        return true;
+    }
+    turn.progressed
+}

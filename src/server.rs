@@ -1,0 +1,367 @@
+//! The accept loop and each connection's way to a session: pending-handshake guard, PROXY
+//! header, TLS, the request head (408/431), admission, backend handshake, 101, relay.
+//!
+//! The upgrade request head is read and answered here directly (httparse, the parser hyper
+//! uses) rather than through hyper's connection machinery: the proxy needs the 408/431 rules of
+//! DESIGN.md, must answer only after the backend accepted, and hands the raw TLS stream to
+//! the relay. Plain HTTP passthrough (`backend.http = "proxy"`) is served by hyper, see
+//! [`crate::server::passthrough`].
+
+mod passthrough;
+mod pending_log;
+
+use crate::admission::{self, client_ip, proxy_protocol, Rejection};
+use crate::state::Shared;
+use crate::upstream::{self, UpstreamError};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::StatusCode;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Largest request head (DESIGN.md: headers over 16 KiB get 431).
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// Serves every listener until the drain starts.
+pub async fn serve(shared: Arc<Shared>, listeners: Vec<TcpListener>) {
+    let drops = Arc::new(pending_log::DropLog::default());
+    let mut loops = Vec::new();
+    for l in listeners {
+        loops.push(tokio::spawn(accept_loop(shared.clone(), l, drops.clone())));
+    }
+    for l in loops {
+        let _ = l.await;
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, drops: Arc<pending_log::DropLog>) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(event = "accept_error", error = %e);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let max = shared.policy.load().config.limits.max_pending_handshakes_per_ip;
+        let Some(guard) = shared.pending.try_enter(peer.ip(), max) else {
+            // Dropped before any TLS work; summarised in the log, not one line each.
+            shared.metrics.handshake("pending_dropped");
+            drops.record(peer.ip());
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let s = shared.clone();
+        shared.tasks.spawn(async move {
+            connection(s, tcp, peer, guard).await;
+        });
+    }
+}
+
+/// A parsed request head.
+pub struct Head {
+    /// Method.
+    pub method: String,
+    /// Path and query as sent.
+    pub target: String,
+    /// HTTP/1.x minor version.
+    pub version: u8,
+    /// Headers.
+    pub headers: HeaderMap,
+}
+
+enum HeadError {
+    TooLarge,
+    Timeout { started: bool },
+    Closed,
+    Malformed,
+}
+
+/// Reads the request head until `\r\n\r\n`; returns it and any bytes after it.
+async fn read_head<S: AsyncRead + Unpin>(io: &mut S, deadline: Instant) -> Result<(Head, Vec<u8>), HeadError> {
+    let mut buf = Vec::with_capacity(2048);
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4) {
+            let head = parse_head(&buf[..end])?;
+            return Ok((head, buf.split_off(end)));
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(HeadError::TooLarge);
+        }
+        let mut chunk = [0u8; 4096];
+        let want = chunk.len().min(MAX_HEAD + 4 - buf.len());
+        match tokio::time::timeout_at(deadline.into(), io.read(&mut chunk[..want])).await {
+            Err(_) => return Err(HeadError::Timeout { started: !buf.is_empty() }),
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(HeadError::Closed),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn parse_head(bytes: &[u8]) -> Result<Head, HeadError> {
+    let mut hs = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut hs);
+    match req.parse(bytes) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        _ => return Err(HeadError::Malformed),
+    }
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| HeadError::Malformed)?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Malformed)?;
+        headers.append(name, value);
+    }
+    Ok(Head {
+        method: req.method.unwrap_or("").to_string(),
+        target: req.path.unwrap_or("/").to_string(),
+        version: req.version.unwrap_or(1),
+        headers,
+    })
+}
+
+fn header_has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Writes a short error response and closes.
+async fn respond<S: AsyncWrite + Unpin>(io: &mut S, status: StatusCode, extra: &[(HeaderName, HeaderValue)]) {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\nConnection: close\r\nContent-Type: text/plain\r\n");
+    for (n, v) in extra {
+        out.extend_from_slice(n.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let body = status.canonical_reason().unwrap_or("error");
+    out.extend_from_slice(format!("Content-Length: {}\r\n\r\n{body}\n", body.len() + 1).as_bytes());
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = io.write_all(&out).await;
+        let _ = io.shutdown().await;
+    })
+    .await;
+}
+
+/// Logs and counts a refused handshake, then answers it.
+async fn reject<S: AsyncWrite + Unpin>(shared: &Shared, io: &mut S, client_ip: IpAddr, start: Instant, r: Rejection) {
+    shared.metrics.handshake(r.reason);
+    shared.metrics.handshake_duration.observe(start.elapsed().as_secs_f64());
+    tracing::info!(event = "rejected", client_ip = %client_ip, reason = r.reason, status = r.status.as_u16());
+    respond(io, r.status, &r.headers).await;
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    pending: admission::limits::PendingGuard,
+) {
+    let start = Instant::now();
+    let policy = shared.policy.load_full();
+    let deadline = start + policy.config.server.handshake_timeout.get();
+
+    // PROXY protocol from a trusted balancer names the client; anyone else is a direct client.
+    let mut peer_ip = peer.ip().to_canonical();
+    if policy.trusted.proxy_protocol() && policy.trusted.is_trusted(peer_ip) {
+        match tokio::time::timeout_at(deadline.into(), proxy_protocol::read_header(&mut tcp)).await {
+            Ok(Ok(Some(src))) => peer_ip = src.ip().to_canonical(),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::info!(event = "rejected", client_ip = %peer_ip, reason = "bad_proxy_header", error = %e);
+                shared.metrics.handshake("bad_request");
+                return;
+            }
+            Err(_) => {
+                shared.metrics.handshake("handshake_timeout");
+                return;
+            }
+        }
+    }
+
+    let mut tls = match tokio::time::timeout_at(deadline.into(), policy.acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            shared.metrics.handshake("tls_failed");
+            tracing::debug!(event = "tls_failed", client_ip = %peer_ip, error = %e);
+            return;
+        }
+        Err(_) => {
+            shared.metrics.handshake("handshake_timeout");
+            tracing::info!(event = "rejected", client_ip = %peer_ip, reason = "handshake_timeout");
+            return;
+        }
+    };
+
+    let (head, leftover) = match read_head(&mut tls, deadline).await {
+        Ok(x) => x,
+        Err(HeadError::TooLarge) => {
+            let r = Rejection::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large");
+            return reject(&shared, &mut tls, peer_ip, start, r).await;
+        }
+        Err(HeadError::Timeout { started }) => {
+            shared.metrics.handshake("handshake_timeout");
+            tracing::info!(event = "rejected", client_ip = %peer_ip, reason = "handshake_timeout", status = if started { 408 } else { 0 });
+            if started {
+                respond(&mut tls, StatusCode::REQUEST_TIMEOUT, &[]).await;
+            }
+            return;
+        }
+        Err(HeadError::Malformed) => {
+            let r = Rejection::new(StatusCode::BAD_REQUEST, "bad_request");
+            return reject(&shared, &mut tls, peer_ip, start, r).await;
+        }
+        Err(HeadError::Closed) => return,
+    };
+
+    // The client IP: the peer, or what a trusted proxy's header says.
+    let client_ip = if policy.trusted.proxy_protocol() {
+        peer_ip
+    } else {
+        client_ip::client_ip(peer_ip, &head.headers, &policy.trusted)
+    };
+
+    if !header_has_token(&head.headers, hyper::header::UPGRADE, "websocket") {
+        if policy.config.backend.http == crate::config::HttpMode::Proxy {
+            drop(pending);
+            return passthrough::serve(shared.clone(), policy, tls, head, leftover, peer_ip).await;
+        }
+        let r = Rejection::new(StatusCode::UPGRADE_REQUIRED, "not_websocket")
+            .with(hyper::header::UPGRADE, HeaderValue::from_static("websocket"));
+        return reject(&shared, &mut tls, client_ip, start, r).await;
+    }
+    let Some(key) = valid_upgrade(&head) else {
+        let r = Rejection::new(StatusCode::BAD_REQUEST, "bad_request");
+        return reject(&shared, &mut tls, client_ip, start, r).await;
+    };
+
+    let admitted = match admission::admit(&shared, &policy, &head.headers, &head.target, client_ip).await {
+        Ok(a) => a,
+        Err(r) => return reject(&shared, &mut tls, client_ip, start, r).await,
+    };
+
+    let connected = match policy.upstream.handshake(&admitted.backend_request).await {
+        Ok(c) => c,
+        Err(e) => {
+            let (status, reason, detail) = match e {
+                UpstreamError::Unreachable(d) => (StatusCode::BAD_GATEWAY, "backend_unreachable", d),
+                UpstreamError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "backend_timeout", "timed out".into()),
+            };
+            shared.metrics.backend_errors.get_or_create(&crate::metrics::ResultLabel { result: reason }).inc();
+            tracing::warn!(event = "backend_error", client_ip = %client_ip, error = %detail);
+            return reject(&shared, &mut tls, client_ip, start, Rejection::new(status, reason)).await;
+        }
+    };
+    if shared.shutdown.is_cancelled() {
+        let r = Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "global_cap");
+        return reject(&shared, &mut tls, client_ip, start, r).await;
+    }
+
+    // Answer 101 with the backend's chosen subprotocol.
+    let protocol = match (&connected.protocol, admitted.token_in_protocol) {
+        (Some(p), _) => Some(p.as_str()),
+        (None, true) => Some(admission::token::TOKEN_PROTOCOL),
+        (None, false) => None,
+    };
+    let mut resp = Vec::with_capacity(256);
+    resp.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+    );
+    resp.extend_from_slice(upstream::accept_key(key.as_bytes()).as_bytes());
+    if let Some(p) = protocol {
+        resp.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
+        resp.extend_from_slice(p.as_bytes());
+    }
+    resp.extend_from_slice(b"\r\n\r\n");
+    if tls.write_all(&resp).await.is_err() || tls.flush().await.is_err() {
+        return;
+    }
+    drop(pending);
+    shared.metrics.handshake("accepted");
+    shared.metrics.handshake_duration.observe(start.elapsed().as_secs_f64());
+    drop(policy);
+
+    shared.metrics.sessions_active.inc();
+    let began = Instant::now();
+    let end = crate::relay::run(
+        tls,
+        leftover,
+        connected.stream,
+        connected.leftover,
+        admitted.policy,
+        shared.shutdown.clone(),
+        shared.metrics.as_ref(),
+    )
+    .await;
+    shared.metrics.sessions_active.dec();
+    shared.metrics.close(end.code, end.initiator.as_str());
+    tracing::info!(
+        event = "session_end",
+        client_ip = %client_ip,
+        sub = admitted.sub.as_deref().unwrap_or(""),
+        duration_ms = began.elapsed().as_millis() as u64,
+        msgs_in = end.msgs_in,
+        msgs_out = end.msgs_out,
+        bytes_in = end.bytes_in,
+        bytes_out = end.bytes_out,
+        close_code = end.code,
+        initiator = end.initiator.as_str(),
+        reason = end.reason,
+    );
+    // Permits are released here, on every path (they are dropped with `admitted`).
+    drop(admitted.ip_permit);
+    drop(admitted.global_permit);
+}
+
+/// Checks the RFC 6455 §4.2.1 requirements; returns the `Sec-WebSocket-Key`.
+fn valid_upgrade(head: &Head) -> Option<String> {
+    use base64::Engine;
+    if head.method != "GET" || head.version != 1 {
+        return None;
+    }
+    if !header_has_token(&head.headers, hyper::header::CONNECTION, "upgrade") {
+        return None;
+    }
+    if head.headers.get(hyper::header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        return None;
+    }
+    // An upgrade carries no body: a length or chunked coding is refused (no smuggling).
+    if head.headers.contains_key(hyper::header::TRANSFER_ENCODING)
+        || head.headers.get(hyper::header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0")
+    {
+        return None;
+    }
+    let key = head.headers.get(hyper::header::SEC_WEBSOCKET_KEY)?.to_str().ok()?.trim();
+    let raw = base64::engine::general_purpose::STANDARD.decode(key).ok()?;
+    (raw.len() == 16).then(|| key.to_string())
+}
+
+/// Binds every `server.listen` address.
+pub async fn bind(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for a in addrs {
+        let sock = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        sock.set_reuseaddr(true)?;
+        sock.bind(*a).map_err(|e| io::Error::new(e.kind(), format!("bind {a}: {e}")))?;
+        out.push(sock.listen(4096)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,168 @@
+//! Plain HTTP passthrough (`backend.http = "proxy"`): the chat's own pages, served by hyper.
+//! Not subject to Origin or JWT, but the per-IP rate, header scrubbing and token removal
+//! apply exactly as for upgrades (DESIGN.md, fine print).
+
+use super::Head;
+use crate::admission::{self, client_ip, token};
+use crate::state::{Policy, Shared};
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// How long a backend may take to send its response head.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A stream that first replays bytes already read (the request head).
+struct Prefixed<S> {
+    pre: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.pos < self.pre.len() {
+            let n = (self.pre.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.pre[start..start + n]);
+            self.pos += n;
+            if self.pos == self.pre.len() {
+                self.pre = Vec::new();
+                self.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn encode_head(head: &Head) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(head.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.target.as_bytes());
+    out.extend_from_slice(if head.version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
+    for (n, v) in &head.headers {
+        out.extend_from_slice(n.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn plain(status: StatusCode, headers: &[(HeaderName, HeaderValue)]) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(status.canonical_reason().unwrap_or("error"))).map_err(|n| match n {}).boxed(),
+    );
+    *r.status_mut() = status;
+    for (n, v) in headers {
+        r.headers_mut().insert(n.clone(), v.clone());
+    }
+    r
+}
+
+/// Serves the rest of the connection with hyper, starting with the request already read.
+pub async fn serve<S>(shared: Arc<Shared>, policy: Arc<Policy>, io: S, head: Head, leftover: Vec<u8>, peer_ip: IpAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut pre = encode_head(&head);
+    pre.extend_from_slice(&leftover);
+    let io = TokioIo::new(Prefixed { pre, pos: 0, inner: io });
+    let svc_shared = shared.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let shared = svc_shared.clone();
+        let policy = policy.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(&shared, &policy, req, peer_ip).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .max_buf_size(super::MAX_HEAD.max(8192))
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shared.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
+    }
+}
+
+async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_ip: IpAddr) -> Response<Body> {
+    let client_ip = client_ip::client_ip(peer_ip, req.headers(), &policy.trusted);
+    if let Err(r) = admission::check_rate(shared, policy, client_ip) {
+        shared.metrics.handshake(r.reason);
+        tracing::info!(event = "rejected", client_ip = %client_ip, reason = r.reason, status = r.status.as_u16(), passthrough = true);
+        return plain(r.status, &r.headers);
+    }
+    if req.headers().contains_key(hyper::header::UPGRADE) {
+        return plain(StatusCode::BAD_REQUEST, &[]);
+    }
+    let (parts, body) = req.into_parts();
+    let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let url = &policy.upstream.url;
+    let path = url.join(&token::scrub_path(target, &policy.sources));
+
+    let mut headers = parts.headers.clone();
+    token::scrub_headers(&mut headers, &policy.sources);
+    let drop: Vec<HeaderName> = policy.claims.iter().map(|(_, h)| h.clone()).collect();
+    let scrubbed =
+        crate::upstream::BackendRequest::new(path.clone(), &headers, &drop, client_ip, Vec::new(), Vec::new());
+    let mut out = Request::builder().method(parts.method).uri(path);
+    if let Some(h) = out.headers_mut() {
+        *h = scrubbed.headers;
+        if let Ok(v) = HeaderValue::from_str(&url.authority) {
+            h.insert(hyper::header::HOST, v);
+        }
+        if let Some(len) = parts.headers.get(hyper::header::CONTENT_LENGTH) {
+            h.insert(hyper::header::CONTENT_LENGTH, len.clone());
+        }
+        if let Some(te) = parts.headers.get(hyper::header::TRANSFER_ENCODING) {
+            h.insert(hyper::header::TRANSFER_ENCODING, te.clone());
+        }
+    }
+    let Ok(out) = out.body(body) else { return plain(StatusCode::BAD_REQUEST, &[]) };
+
+    let stream = match tokio::time::timeout(policy.upstream.timeout, policy.upstream.connect_stream()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => return plain(StatusCode::BAD_GATEWAY, &[]),
+        Err(_) => return plain(StatusCode::GATEWAY_TIMEOUT, &[]),
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+        Ok(x) => x,
+        Err(_) => return plain(StatusCode::BAD_GATEWAY, &[]),
+    };
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    match tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(out)).await {
+        Ok(Ok(resp)) => resp.map(|b| b.boxed()),
+        Ok(Err(_)) => plain(StatusCode::BAD_GATEWAY, &[]),
+        Err(_) => plain(StatusCode::GATEWAY_TIMEOUT, &[]),
+    }
+}

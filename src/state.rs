@@ -1,0 +1,201 @@
+//! Process state: the reloadable [`Policy`] (config, certificates, keys) behind an `ArcSwap`,
+//! and the [`Shared`] parts that live across reloads (limiter tables, metrics, drain signal).
+
+use crate::admission::auth::Authenticator;
+use crate::admission::client_ip::TrustedProxies;
+use crate::admission::limits::{GlobalCap, IpLimits, MemoryLimiter, PendingTracker, PerIpLimiter};
+use crate::admission::origin::OriginPolicy;
+use crate::config::{AuthMode, Config, ConfigError, TokenSource};
+use crate::metrics::Metrics;
+use crate::relay::SessionPolicy;
+use crate::tls::CertInfo;
+use crate::upstream::Upstream;
+use arc_swap::ArcSwap;
+use hyper::header::HeaderName;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Everything derived from one config file: swapped whole on reload. Live sessions keep the
+/// copy of the limits they were admitted under.
+pub struct Policy {
+    /// The validated config.
+    pub config: Config,
+    /// TLS acceptor for new connections.
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Loaded certificates (expiry metric, `check` summary).
+    pub certs: Vec<CertInfo>,
+    /// Origin allowlist.
+    pub origin: OriginPolicy,
+    /// JWT verifier (`None` with `auth.mode = "none"`).
+    pub auth: Option<Arc<Authenticator>>,
+    /// Token sources in order.
+    pub sources: Vec<TokenSource>,
+    /// Claim → header forwarded to the backend.
+    pub claims: Vec<(String, HeaderName)>,
+    /// How to reach the backend.
+    pub upstream: Upstream,
+    /// Who may tell us the client's address.
+    pub trusted: TrustedProxies,
+    /// Per-IP limit values.
+    pub ip_limits: IpLimits,
+    /// Template of each new session's policy.
+    pub session: SessionPolicy,
+    _jwks_refresh: Option<AbortOnDrop>,
+}
+
+/// Aborts a background task when the policy that owns it is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Policy {
+    /// Loads certificates and keys for a validated config. Every failure is a config error
+    /// (exit 2) naming the key.
+    pub async fn build(config: Config) -> Result<Policy, ConfigError> {
+        let tls = crate::tls::build(&config.tls)?;
+        let origin = OriginPolicy::new(&config.origin).map_err(|e| ConfigError(format!("origin.allow: {e}")))?;
+        let auth = match config.auth.mode {
+            Some(AuthMode::Jwt) => Some(Arc::new(Authenticator::from_config(&config.auth).await?)),
+            _ => None,
+        };
+        let sources = if auth.is_some() {
+            config.auth.sources().iter().map(|s| TokenSource::parse(s)).collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        let claims = config
+            .auth
+            .forward_claims()
+            .into_iter()
+            .map(|(c, h)| {
+                HeaderName::from_bytes(h.as_bytes())
+                    .map(|n| (c.clone(), n))
+                    .map_err(|_| ConfigError(format!("auth.forward_claims.{c}: invalid header name {h:?}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let upstream = Upstream::new(&config.backend)?;
+        let jwks = auth.as_ref().and_then(|a| a.spawn_refresh()).map(AbortOnDrop);
+        Ok(Policy {
+            acceptor: tokio_rustls::TlsAcceptor::from(tls.config),
+            certs: tls.certs,
+            origin,
+            auth,
+            sources,
+            claims,
+            upstream,
+            trusted: TrustedProxies::new(&config.trusted_proxies),
+            ip_limits: IpLimits::from_config(&config.limits),
+            session: SessionPolicy::from_limits(&config.limits),
+            config,
+            _jwks_refresh: jwks,
+        })
+    }
+}
+
+/// State shared by every connection for the life of the process.
+pub struct Shared {
+    /// The current policy; `load()` per connection, swapped by SIGHUP.
+    pub policy: ArcSwap<Policy>,
+    /// Per-IP caps and handshake buckets (one small interface; Redis later).
+    pub limiter: Arc<dyn PerIpLimiter>,
+    memory_limiter: Arc<MemoryLimiter>,
+    /// Global session cap.
+    pub global: Arc<GlobalCap>,
+    /// Not-yet-upgraded connections per peer.
+    pub pending: Arc<PendingTracker>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the drain starts: sessions send 1001.
+    pub shutdown: CancellationToken,
+    accepting: AtomicBool,
+    /// Connection and session tasks, for the drain.
+    pub tasks: TaskTracker,
+    /// Where the config came from (reload), if a file.
+    pub config_path: Option<PathBuf>,
+}
+
+impl Shared {
+    /// Builds shared state around a first policy.
+    pub fn new(policy: Policy, config_path: Option<PathBuf>) -> Arc<Shared> {
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_certs(&policy.certs);
+        let memory_limiter = MemoryLimiter::new();
+        Arc::new(Shared {
+            policy: ArcSwap::from_pointee(policy),
+            limiter: memory_limiter.clone(),
+            memory_limiter,
+            global: GlobalCap::new(),
+            pending: PendingTracker::new(),
+            metrics,
+            shutdown: CancellationToken::new(),
+            accepting: AtomicBool::new(true),
+            tasks: TaskTracker::new(),
+            config_path,
+        })
+    }
+
+    /// Starts the per-IP table sweeper (evicts idle entries).
+    pub fn spawn_sweeper(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        drop(self.memory_limiter.spawn_sweeper(move || match weak.upgrade() {
+            Some(s) => {
+                s.metrics.per_ip_keys.set(s.limiter.tracked_keys() as i64);
+                s.policy.load().ip_limits
+            }
+            None => IpLimits::from_config(&crate::config::LimitsConfig::default()),
+        }));
+    }
+
+    /// Whether new connections are accepted (`/readyz`).
+    pub fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::Relaxed)
+    }
+
+    /// Starts the drain: stop accepting, tell sessions to close with 1001.
+    pub fn begin_drain(&self) {
+        self.accepting.store(false, Ordering::Relaxed);
+        self.shutdown.cancel();
+        self.tasks.close();
+    }
+
+    /// Re-reads the config file and swaps the policy in; a bad config is refused and the old
+    /// one stays. Returns the error text when refused.
+    pub async fn reload(&self) -> Result<(), String> {
+        let Some(path) = &self.config_path else { return Err("no config file to reload".into()) };
+        let result = async {
+            let cfg = Config::load(path).map_err(|e| e.to_string())?;
+            Policy::build(cfg).await.map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(p) => {
+                let old = self.policy.load();
+                if old.config.server.listen.addrs() != p.config.server.listen.addrs()
+                    || old.config.admin.listen != p.config.admin.listen
+                {
+                    tracing::warn!(
+                        event = "reload",
+                        "listen addresses change only on restart; keeping the current listeners"
+                    );
+                }
+                self.metrics.set_certs(&p.certs);
+                self.policy.store(Arc::new(p));
+                self.metrics.reload("ok");
+                tracing::info!(event = "reload", result = "ok", "configuration reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reload("refused");
+                tracing::error!(event = "reload", result = "refused", error = %e, "new configuration refused; keeping the old one");
+                Err(e)
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! TLS termination: the rustls server configuration built from `[tls]`.
+//!
+//! PEM comes from `rustls-pki-types`' `PemObject` (rustls-pemfile is archived, RUSTSEC-2025-0134).
+//! Certificates for `[[tls.sni]]` names are chosen by a small resolver; an unknown or absent
+//! SNI gets the `[tls]` certificate.
+
+use crate::config::{ConfigError, TlsConfig};
+use rustls::crypto::aws_lc_rs;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Facts about one loaded certificate, for the expiry metric and `wsgate check`.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    /// The certificate's first DNS name (or its file path when it has none).
+    pub server_name: String,
+    /// `notAfter` as seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// A built server config plus what was loaded into it.
+pub struct LoadedTls {
+    /// The rustls config handed to the acceptor.
+    pub config: Arc<rustls::ServerConfig>,
+    /// One entry per certificate, the default first.
+    pub certs: Vec<CertInfo>,
+}
+
+/// Reads a PEM certificate chain.
+pub fn load_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let iter = CertificateDer::pem_file_iter(path)
+        .map_err(|e| ConfigError(format!("{key}: cannot read {}: {e}", path.display())))?;
+    let certs: Vec<_> = iter
+        .collect::<Result<_, _>>()
+        .map_err(|e| ConfigError(format!("{key}: invalid PEM in {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(ConfigError(format!("{key}: no CERTIFICATE block in {}", path.display())));
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(path: &Path, key: &str) -> Result<PrivateKeyDer<'static>, ConfigError> {
+    // Read first so that an unreadable file and a file without a key get distinct messages.
+    let bytes = std::fs::read(path).map_err(|e| ConfigError(format!("{key}: cannot read {}: {e}", path.display())))?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+        ConfigError(format!("{key}: no usable private key (PKCS#8, PKCS#1 or SEC1 PEM) in {}: {e}", path.display()))
+    })
+}
+
+/// Loads a chain and its key, and checks that they belong together.
+fn certified_key(cert: &Path, key: &Path, what: &str) -> Result<(Arc<CertifiedKey>, CertInfo), ConfigError> {
+    let chain = load_certs(cert, &format!("{what}.cert"))?;
+    let der = load_key(key, &format!("{what}.key"))?;
+    let signing = aws_lc_rs::default_provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| ConfigError(format!("{what}.key: unsupported private key in {}: {e}", key.display())))?;
+    let info = cert_info(&chain[0], cert);
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match().map_err(|e| {
+        ConfigError(format!("{what}: certificate {} and key {} do not match ({e})", cert.display(), key.display()))
+    })?;
+    Ok((Arc::new(ck), info))
+}
+
+fn cert_info(der: &CertificateDer<'_>, path: &Path) -> CertInfo {
+    use x509_parser::prelude::*;
+    match X509Certificate::from_der(der.as_ref()) {
+        Ok((_, cert)) => {
+            let name = cert
+                .subject_alternative_name()
+                .ok()
+                .flatten()
+                .and_then(|san| {
+                    san.value.general_names.iter().find_map(|n| match n {
+                        GeneralName::DNSName(d) => Some(d.to_string()),
+                        _ => None,
+                    })
+                })
+                .unwrap_or_else(|| path.display().to_string());
+            CertInfo { server_name: name, not_after: cert.validity().not_after.timestamp() }
+        }
+        Err(_) => CertInfo { server_name: path.display().to_string(), not_after: 0 },
+    }
+}
+
+/// Reads a PEM bundle into a root store.
+pub fn load_roots(path: &Path, key: &str) -> Result<RootCertStore, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(path, key)? {
+        roots.add(c).map_err(|e| ConfigError(format!("{key}: unusable CA certificate in {}: {e}", path.display())))?;
+    }
+    Ok(roots)
+}
+
+/// Picks a certificate by SNI: exact names, then `*.suffix`, then the default.
+#[derive(Debug)]
+struct SniResolver {
+    default: Arc<CertifiedKey>,
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = hello.server_name() else { return Some(self.default.clone()) };
+        let name = name.to_ascii_lowercase();
+        if let Some(k) = self.exact.get(&name) {
+            return Some(k.clone());
+        }
+        if let Some((_, suffix)) = name.split_once('.') {
+            if let Some(k) = self.wildcard.get(suffix) {
+                return Some(k.clone());
+            }
+        }
+        Some(self.default.clone())
+    }
+}
+
+/// Builds the server config from `[tls]`: versions, ALPN `http/1.1`, SNI, optional mTLS.
+pub fn build(cfg: &TlsConfig) -> Result<LoadedTls, ConfigError> {
+    let (default, info) = certified_key(&cfg.cert, &cfg.key, "tls")?;
+    let mut certs = vec![info];
+    let mut resolver = SniResolver { default, exact: HashMap::new(), wildcard: HashMap::new() };
+    for (i, sni) in cfg.sni.iter().enumerate() {
+        let (ck, info) = certified_key(&sni.cert, &sni.key, &format!("tls.sni[{i}]"))?;
+        certs.push(info);
+        for n in &sni.server_names {
+            let n = n.to_ascii_lowercase();
+            match n.strip_prefix("*.") {
+                Some(suffix) => resolver.wildcard.insert(suffix.to_string(), ck.clone()),
+                None => resolver.exact.insert(n, ck.clone()),
+            };
+        }
+    }
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match cfg.min_version.as_str() {
+        "1.3" => &[&rustls::version::TLS13],
+        _ => &[&rustls::version::TLS13, &rustls::version::TLS12],
+    };
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .map_err(|e| ConfigError(format!("tls.min_version: {e}")))?;
+    let builder = match &cfg.client_ca {
+        Some(ca) => {
+            let roots = load_roots(ca, "tls.client_ca")?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| ConfigError(format!("tls.client_ca: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(LoadedTls { config: Arc::new(config), certs })
+}
+
+/// A rustls client config for `wss://` backends and the JWKS endpoint: the given CA file,
+/// or the system roots.
+pub fn client_config(ca_file: Option<&Path>, key: &str) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+    let roots = match ca_file {
+        Some(p) => load_roots(p, key)?,
+        None => {
+            let mut roots = RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                // Unparseable system certificates are skipped, as every TLS client does.
+                let _ = roots.add(c);
+            }
+            roots
+        }
+    };
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError(format!("{key}: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}

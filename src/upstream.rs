@@ -1,0 +1,401 @@
+//! The backend side: URL joining, the request the backend sees (forwarding headers added,
+//! client copies and credentials scrubbed), and the client handshake over `ws://` or `wss://`.
+//!
+//! The handshake is written out here rather than taken from fastwebsockets' `handshake::client`
+//! because that one does not verify `Sec-WebSocket-Accept` (DESIGN.md, known gaps) and would
+//! hand back a boxed hyper `Upgraded` stream; ours returns the raw stream for the relay.
+
+use crate::config::ConfigError;
+use base64::Engine;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use sha1::{Digest, Sha1};
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The GUID of RFC 6455 §1.3.
+const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+/// Largest backend handshake response we read.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+/// A parsed `backend.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendUrl {
+    /// `wss://`
+    pub tls: bool,
+    /// Host name or IP literal (without brackets).
+    pub host: String,
+    /// Port (default 80 / 443).
+    pub port: u16,
+    /// Value of the `Host` header.
+    pub authority: String,
+    /// Path prefix without a trailing slash ("" for none).
+    pub prefix: String,
+}
+
+impl BackendUrl {
+    /// Parses `ws://host[:port][/prefix]` or `wss://…`; a query or fragment is refused.
+    pub fn parse(url: &str) -> Result<BackendUrl, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("ws://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("wss://") {
+            (true, r)
+        } else {
+            return Err(format!("{url:?} must start with ws:// or wss://"));
+        };
+        if rest.contains(['?', '#']) {
+            return Err(format!("{url:?}: a query or fragment is not allowed in the backend URL"));
+        }
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if authority.is_empty() || authority.contains('@') {
+            return Err(format!("{url:?}: missing or invalid host"));
+        }
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| format!("{url:?}: unclosed IPv6 bracket"))?;
+            let port = match after {
+                "" => default_port,
+                p => {
+                    p.strip_prefix(':').and_then(|p| p.parse().ok()).ok_or_else(|| format!("{url:?}: invalid port"))?
+                }
+            };
+            (h.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().map_err(|_| format!("{url:?}: invalid port"))?),
+                None => (authority.to_string(), default_port),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?}: missing host"));
+        }
+        Ok(BackendUrl {
+            tls,
+            host,
+            port,
+            authority: authority.to_string(),
+            prefix: path.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// Joins the prefix and the client's path and query without doubling a slash.
+    pub fn join(&self, path_and_query: &str) -> String {
+        let pq =
+            if path_and_query.starts_with('/') { path_and_query.to_string() } else { format!("/{path_and_query}") };
+        format!("{}{}", self.prefix, pq)
+    }
+}
+
+/// Headers the proxy sets itself; client copies are always removed and claim headers may not
+/// use these names.
+pub fn is_reserved_header(name: &HeaderName) -> bool {
+    const RESERVED: &[&str] = &[
+        "host",
+        "connection",
+        "upgrade",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "content-length",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "forwarded",
+    ];
+    RESERVED.contains(&name.as_str())
+}
+
+/// Why the backend handshake failed: 502 or 504.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// Refused, unreachable, TLS failure or a non-101 answer (502).
+    Unreachable(String),
+    /// Not done within `connect_timeout` (504).
+    Timeout,
+}
+
+/// A connected backend stream, plain or TLS.
+pub enum BackendStream {
+    /// `ws://`
+    Plain(TcpStream),
+    /// `wss://`
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for BackendStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Everything needed to reach the backend, built once per config.
+pub struct Upstream {
+    /// The parsed URL.
+    pub url: BackendUrl,
+    /// TLS client config for `wss://`.
+    tls: Option<tokio_rustls::TlsConnector>,
+    /// `connect_timeout`.
+    pub timeout: Duration,
+}
+
+impl Upstream {
+    /// Builds from `[backend]`.
+    pub fn new(cfg: &crate::config::BackendConfig) -> Result<Upstream, ConfigError> {
+        let url = BackendUrl::parse(&cfg.url).map_err(|e| ConfigError(format!("backend.url: {e}")))?;
+        let tls = if url.tls {
+            let mut c = (*crate::tls::client_config(cfg.ca_file.as_deref(), "backend.ca_file")?).clone();
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Some(tokio_rustls::TlsConnector::from(Arc::new(c)))
+        } else {
+            None
+        };
+        Ok(Upstream { url, tls, timeout: cfg.connect_timeout.get() })
+    }
+
+    /// Opens TCP (and TLS) to the backend.
+    pub async fn connect_stream(&self) -> Result<BackendStream, UpstreamError> {
+        let tcp = TcpStream::connect((self.url.host.as_str(), self.url.port))
+            .await
+            .map_err(|e| UpstreamError::Unreachable(format!("connect {}: {e}", self.url.authority)))?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => Ok(BackendStream::Plain(tcp)),
+            Some(conn) => {
+                let name = rustls_pki_types::ServerName::try_from(self.url.host.clone())
+                    .map_err(|e| UpstreamError::Unreachable(format!("backend host name: {e}")))?;
+                let s = conn
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| UpstreamError::Unreachable(format!("TLS to {}: {e}", self.url.authority)))?;
+                Ok(BackendStream::Tls(Box::new(s)))
+            }
+        }
+    }
+
+    /// Connects and performs the WebSocket handshake within `connect_timeout`.
+    pub async fn handshake(&self, req: &BackendRequest) -> Result<Connected, UpstreamError> {
+        match tokio::time::timeout(self.timeout, self.handshake_inner(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Timeout),
+        }
+    }
+
+    async fn handshake_inner(&self, req: &BackendRequest) -> Result<Connected, UpstreamError> {
+        let mut stream = self.connect_stream().await?;
+        let key = {
+            let mut k = [0u8; 16];
+            getrandom::fill(&mut k).map_err(|e| UpstreamError::Unreachable(format!("random key: {e}")))?;
+            base64::engine::general_purpose::STANDARD.encode(k)
+        };
+        let head = req.encode(&self.url, &key);
+        stream.write_all(&head).await.map_err(|e| UpstreamError::Unreachable(format!("write: {e}")))?;
+        stream.flush().await.map_err(|e| UpstreamError::Unreachable(format!("flush: {e}")))?;
+
+        let mut buf = Vec::with_capacity(1024);
+        let head_len = loop {
+            if let Some(i) = find_head_end(&buf) {
+                break i;
+            }
+            if buf.len() >= MAX_RESPONSE_HEAD {
+                return Err(UpstreamError::Unreachable("backend response head too large".into()));
+            }
+            let mut chunk = [0u8; 2048];
+            let n = stream.read(&mut chunk).await.map_err(|e| UpstreamError::Unreachable(format!("read: {e}")))?;
+            if n == 0 {
+                return Err(UpstreamError::Unreachable("backend closed during the handshake".into()));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        resp.parse(&buf[..head_len]).map_err(|e| UpstreamError::Unreachable(format!("bad response: {e}")))?;
+        let status = resp.code.unwrap_or(0);
+        if status != 101 {
+            return Err(UpstreamError::Unreachable(format!("backend answered {status} instead of 101")));
+        }
+        let get = |n: &str| resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(n)).map(|h| h.value);
+        let has_token = |n: &str, t: &str| {
+            resp.headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case(n))
+                .flat_map(|h| h.value.split(|b| *b == b','))
+                .any(|v| v.trim_ascii().eq_ignore_ascii_case(t.as_bytes()))
+        };
+        if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+            return Err(UpstreamError::Unreachable("backend 101 without Upgrade: websocket".into()));
+        }
+        if get("sec-websocket-accept") != Some(accept_key(key.as_bytes()).as_bytes()) {
+            return Err(UpstreamError::Unreachable("backend sent a wrong Sec-WebSocket-Accept".into()));
+        }
+        if get("sec-websocket-extensions").is_some() {
+            return Err(UpstreamError::Unreachable("backend negotiated an extension that was not offered".into()));
+        }
+        let protocol = match get("sec-websocket-protocol") {
+            None => None,
+            Some(p) => {
+                let p =
+                    std::str::from_utf8(p).map_err(|_| UpstreamError::Unreachable("bad subprotocol".into()))?.trim();
+                if !req.protocols.iter().any(|o| o == p) {
+                    return Err(UpstreamError::Unreachable("backend chose a subprotocol that was not offered".into()));
+                }
+                Some(p.to_string())
+            }
+        };
+        let leftover = buf.split_off(head_len);
+        Ok(Connected { stream, protocol, leftover })
+    }
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
+pub fn accept_key(key: &[u8]) -> String {
+    let mut h = Sha1::new();
+    h.update(key);
+    h.update(WS_GUID);
+    base64::engine::general_purpose::STANDARD.encode(h.finalize())
+}
+
+/// A backend that accepted the upgrade.
+pub struct Connected {
+    /// The stream, positioned after the 101 response.
+    pub stream: BackendStream,
+    /// The backend's chosen subprotocol.
+    pub protocol: Option<String>,
+    /// Frame bytes that arrived with the response head.
+    pub leftover: Vec<u8>,
+}
+
+/// What the backend is sent: path, scrubbed client headers, forwarding and claim headers.
+#[derive(Debug, Default)]
+pub struct BackendRequest {
+    /// Client path and query, token parameter removed.
+    pub path_and_query: String,
+    /// Client headers that pass through (already scrubbed).
+    pub headers: HeaderMap,
+    /// Subprotocols offered to the backend (token entries removed).
+    pub protocols: Vec<String>,
+}
+
+impl BackendRequest {
+    /// Builds the backend request from the client's headers: copies end-to-end headers except
+    /// reserved ones and `drop` (credential headers that carried the token, claim headers),
+    /// then sets `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto` and `extra`.
+    pub fn new(
+        path_and_query: String,
+        client_headers: &HeaderMap,
+        drop: &[HeaderName],
+        client_ip: IpAddr,
+        extra: Vec<(HeaderName, HeaderValue)>,
+        protocols: Vec<String>,
+    ) -> BackendRequest {
+        let mut headers = HeaderMap::with_capacity(client_headers.len() + 4);
+        for (name, value) in client_headers {
+            if is_reserved_header(name) || drop.contains(name) {
+                continue;
+            }
+            headers.append(name.clone(), value.clone());
+        }
+        let ip = HeaderValue::from_str(&client_ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        headers.insert(HeaderName::from_static("x-forwarded-for"), ip.clone());
+        headers.insert(HeaderName::from_static("x-real-ip"), ip);
+        headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
+        for (n, v) in extra {
+            headers.insert(n, v);
+        }
+        BackendRequest { path_and_query, headers, protocols }
+    }
+
+    /// The HTTP/1.1 upgrade request head.
+    fn encode(&self, url: &BackendUrl, key: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(512);
+        out.extend_from_slice(b"GET ");
+        out.extend_from_slice(url.join(&self.path_and_query).as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+        out.extend_from_slice(url.authority.as_bytes());
+        out.extend_from_slice(
+            b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ",
+        );
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if !self.protocols.is_empty() {
+            out.extend_from_slice(b"Sec-WebSocket-Protocol: ");
+            out.extend_from_slice(self.protocols.join(", ").as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        for (n, v) in &self.headers {
+            out.extend_from_slice(n.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parse_and_join() {
+        let u = BackendUrl::parse("ws://h:8080/base/").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.prefix.as_str()), ("h", 8080, "/base"));
+        assert_eq!(u.join("/chat?room=1"), "/base/chat?room=1");
+        let u = BackendUrl::parse("wss://[::1]").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 443));
+        assert_eq!(u.join("/"), "/");
+        assert!(BackendUrl::parse("ws://h/x?q=1").is_err());
+        assert!(BackendUrl::parse("http://h").is_err());
+    }
+
+    #[test]
+    fn accept_key_rfc_example() {
+        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+}

@@ -1,0 +1,209 @@
+//! Issue 2: wss:// in, ws:// out — messages both ways byte-exact and in order, fragments,
+//! ping/pong, close codes forwarded, 502/504, backend dying mid-session, plain TCP.
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn text_and_binary_both_ways_byte_exact_in_order() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, "max_frame_size = \"64KiB\""));
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    let sizes = [0usize, 1, 125, 126, 127, 1000, 65535, 65536];
+    let mut sent = Vec::new();
+    for (i, n) in sizes.iter().enumerate() {
+        let bin: Vec<u8> = (0..*n).map(|j| (i * 31 + j * 7) as u8).collect();
+        sent.push(Message::Binary(bin.into()));
+        let text: String = (0..*n).map(|j| char::from(b'a' + ((i + j) % 26) as u8)).collect();
+        sent.push(Message::Text(text.into()));
+    }
+    for m in &sent {
+        ws.send(m.clone()).await.unwrap();
+    }
+    for m in &sent {
+        let got = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(&got, m);
+    }
+    ws.close(None).await.unwrap();
+    let seen = backend.next_session().await;
+    let data: Vec<_> = seen.messages.iter().filter(|m| !m.is_close()).cloned().collect();
+    assert_eq!(data, sent);
+}
+
+#[tokio::test]
+async fn frame_over_limit_closes_1009() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, "max_frame_size = \"1KiB\""));
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    ws.send(Message::Binary(vec![7u8; 1025].into())).await.unwrap();
+    assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await.map(|c| c.0), Some(1009));
+}
+
+#[tokio::test]
+async fn fragmented_message_is_relayed_whole() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let mut s = raw_upgrade(&proxy, &pki).await;
+    use tokio::io::AsyncWriteExt;
+    let mut bytes = raw_frame(false, 1, true, "héllo, ".as_bytes());
+    bytes.extend(raw_frame(false, 0, true, b"fragmented "));
+    bytes.extend(raw_frame(true, 9, true, b"ping-in-between"));
+    bytes.extend(raw_frame(true, 0, true, "wörld".as_bytes()));
+    s.write_all(&bytes).await.unwrap();
+    // The proxy answers the ping itself; the echo of the joined message follows.
+    let mut got_pong = false;
+    let mut text = Vec::new();
+    while text.is_empty() || !String::from_utf8_lossy(&text).ends_with("wörld") {
+        let (op, p) = read_raw_frame(&mut s).await.expect("frame");
+        match op {
+            0xA => {
+                assert_eq!(p, b"ping-in-between");
+                got_pong = true;
+            }
+            1 | 0 => text.extend_from_slice(&p),
+            other => panic!("unexpected opcode {other}"),
+        }
+    }
+    assert!(got_pong);
+    assert_eq!(String::from_utf8(text).unwrap(), "héllo, fragmented wörld");
+    s.write_all(&raw_frame(true, 8, true, &1000u16.to_be_bytes())).await.unwrap();
+    let seen = backend.next_session().await;
+    assert_eq!(seen.messages[0], Message::Text("héllo, fragmented wörld".into()));
+}
+
+#[tokio::test]
+async fn ping_is_answered_with_same_payload() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    ws.send(Message::Ping(b"are you there".to_vec().into())).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap() {
+        Message::Pong(p) => assert_eq!(&p[..], b"are you there"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn close_code_and_reason_forwarded_client_to_backend() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    ws.send(close_frame(4001, "bye now")).await.unwrap();
+    // tungstenite's backend echoes the close; the client sees it.
+    assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await, Some((4001, "bye now".into())));
+    let seen = backend.next_session().await;
+    match seen.messages.last() {
+        Some(Message::Close(Some(f))) => {
+            assert_eq!(u16::from(f.code), 4001);
+            assert_eq!(f.reason.as_str(), "bye now");
+        }
+        other => panic!("backend saw {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn close_code_and_reason_forwarded_backend_to_client() {
+    let pki = Pki::new();
+    // A backend that closes with 4002 "kicked" right after the handshake.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        ws.send(close_frame(4002, "kicked")).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    });
+    let proxy = Proxy::start(&pki, &config(addr, ""));
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await, Some((4002, "kicked".into())));
+}
+
+#[tokio::test]
+async fn backend_not_listening_is_502() {
+    let pki = Pki::new();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let proxy = Proxy::start(&pki, &config(dead, ""));
+    let err = connect(&proxy, &pki).go().await.unwrap_err();
+    assert_eq!(err.status(), 502);
+}
+
+#[tokio::test]
+async fn backend_silent_is_504_within_connect_timeout() {
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            held.push(s);
+        }
+    });
+    let proxy = Proxy::start(&pki, &config(addr, ""));
+    let t0 = Instant::now();
+    let err = connect(&proxy, &pki).go().await.unwrap_err();
+    assert_eq!(err.status(), 504);
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "took {took:?}");
+    hold.abort();
+}
+
+#[tokio::test]
+async fn backend_killed_mid_session_gives_1011_and_proxy_keeps_serving() {
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        // First session: dropped without a close after one message. Later: echo.
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let _ = ws.next().await;
+        drop(ws);
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() && ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(&pki, &config(addr, ""));
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    ws.send(Message::Text("hi".into())).await.unwrap();
+    assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await.map(|c| c.0), Some(1011));
+    let (mut ws2, _) = connect(&proxy, &pki).go().await.unwrap();
+    ws2.send(Message::Text("again".into())).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws2.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(got, Message::Text("again".into()));
+}
+
+#[tokio::test]
+async fn plain_tcp_to_tls_port_fails_fast() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let t0 = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await.expect("proxy hung on plaintext");
+    // Either an EOF/reset or a TLS alert, but quickly, and never an HTTP answer.
+    if let Ok(n) = r {
+        assert!(n == 0 || !buf[..n].starts_with(b"HTTP/"), "plaintext got an HTTP answer");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}
