@@ -156,7 +156,14 @@ fn check(path: PathBuf) -> ExitCode {
     }
 }
 
-fn demo(listen: SocketAddr) -> ExitCode {
+fn demo(mut listen: SocketAddr) -> ExitCode {
+    if listen.port() == 0 {
+        // The page's origin names the port, so resolve it before the config is written.
+        match std::net::TcpListener::bind(listen).and_then(|l| l.local_addr()) {
+            Ok(a) => listen = a,
+            Err(e) => return fail(LogFormat::Text, 1, &format!("demo listen {listen}: {e}")),
+        }
+    }
     let rt = runtime();
     rt.block_on(async move {
         let dir = match tempdir() {
