@@ -299,14 +299,43 @@ async fn connection(
     shared.metrics.handshake_duration.observe(start.elapsed().as_secs_f64());
     drop(policy);
 
+    // The relay runs in a task of its own: this handshake future (buffers, headers, TLS
+    // accept state) is freed now instead of living as long as the session.
+    let session = Session {
+        client: tls,
+        client_pre: leftover,
+        backend: connected.stream,
+        backend_pre: connected.leftover,
+        policy: admitted.policy,
+        client_ip,
+        sub: admitted.sub,
+        _permits: (admitted.ip_permit, admitted.global_permit),
+    };
+    shared.tasks.spawn(run_session(shared.clone(), session));
+}
+
+/// An admitted session: both sockets, its policy, and the permits it holds until it ends.
+struct Session {
+    client: tokio_rustls::server::TlsStream<TcpStream>,
+    client_pre: Vec<u8>,
+    backend: upstream::BackendStream,
+    backend_pre: Vec<u8>,
+    policy: crate::relay::SessionPolicy,
+    client_ip: IpAddr,
+    sub: Option<String>,
+    /// Per-IP and global slots, released when the session is dropped, on every path.
+    _permits: (admission::limits::SessionPermit, admission::limits::GlobalPermit),
+}
+
+async fn run_session(shared: Arc<Shared>, s: Session) {
     shared.metrics.sessions_active.inc();
     let began = Instant::now();
     let end = crate::relay::run(
-        tls,
-        leftover,
-        connected.stream,
-        connected.leftover,
-        admitted.policy,
+        s.client,
+        s.client_pre,
+        s.backend,
+        s.backend_pre,
+        s.policy,
         shared.shutdown.clone(),
         shared.metrics.as_ref(),
     )
@@ -315,8 +344,8 @@ async fn connection(
     shared.metrics.close(end.code, end.initiator.as_str());
     tracing::info!(
         event = "session_end",
-        client_ip = %client_ip,
-        sub = admitted.sub.as_deref().unwrap_or(""),
+        client_ip = %s.client_ip,
+        sub = s.sub.as_deref().unwrap_or(""),
         duration_ms = began.elapsed().as_millis() as u64,
         msgs_in = end.msgs_in,
         msgs_out = end.msgs_out,
@@ -326,9 +355,6 @@ async fn connection(
         initiator = end.initiator.as_str(),
         reason = end.reason,
     );
-    // Permits are released here, on every path (they are dropped with `admitted`).
-    drop(admitted.ip_permit);
-    drop(admitted.global_permit);
 }
 
 /// Checks the RFC 6455 §4.2.1 requirements; returns the `Sec-WebSocket-Key`.
