@@ -337,6 +337,7 @@ async fn run_session(shared: Arc<Shared>, s: Session) {
         s.backend_pre,
         s.policy,
         shared.shutdown.clone(),
+        shared.draining(),
         shared.metrics.as_ref(),
     )
     .await;

@@ -115,6 +115,8 @@ pub struct Shared {
     /// Cancelled when the drain starts: sessions send 1001.
     pub shutdown: CancellationToken,
     accepting: AtomicBool,
+    /// Set when the drain starts; sessions read it (a plain load, no lock) once woken.
+    draining: AtomicBool,
     /// Connection and session tasks, for the drain.
     pub tasks: TaskTracker,
     /// Where the config came from (reload), if a file.
@@ -136,6 +138,7 @@ impl Shared {
             metrics,
             shutdown: CancellationToken::new(),
             accepting: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
             tasks: TaskTracker::new(),
             config_path,
         })
@@ -153,6 +156,11 @@ impl Shared {
         }));
     }
 
+    /// The drain flag sessions check after the shutdown token woke them.
+    pub fn draining(&self) -> &AtomicBool {
+        &self.draining
+    }
+
     /// Whether new connections are accepted (`/readyz`).
     pub fn is_accepting(&self) -> bool {
         self.accepting.load(Ordering::Relaxed)
@@ -161,6 +169,7 @@ impl Shared {
     /// Starts the drain: stop accepting, tell sessions to close with 1001.
     pub fn begin_drain(&self) {
         self.accepting.store(false, Ordering::Relaxed);
+        self.draining.store(true, Ordering::Release);
         self.shutdown.cancel();
         self.tasks.close();
     }

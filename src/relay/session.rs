@@ -13,6 +13,7 @@ use super::policy::SessionPolicy;
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -410,7 +411,8 @@ fn proxy_close<C, B>(
 
 /// Relays frames between an upgraded client and a connected backend until the session ends.
 ///
-/// `client_pre` and `backend_pre` are bytes that arrived with the handshakes.
+/// `client_pre` and `backend_pre` are bytes that arrived with the handshakes. `shutdown` wakes
+/// the session when the drain starts and `draining` says so (1001 to both sides).
 #[allow(clippy::too_many_arguments)]
 pub async fn run<C, B>(
     client: C,
@@ -419,6 +421,7 @@ pub async fn run<C, B>(
     backend_pre: Vec<u8>,
     policy: SessionPolicy,
     shutdown: CancellationToken,
+    draining: &AtomicBool,
     traffic: &dyn TrafficSink,
 ) -> SessionEnd
 where
@@ -444,13 +447,23 @@ where
     tokio::pin!(timer);
     let cancelled = shutdown.cancelled_owned();
     tokio::pin!(cancelled);
+    let mut cancel_registered = false;
+    let mut draining_now = false;
 
     poll_fn(|cx| {
         for _ in 0..MAX_TURNS {
             let mut progressed = false;
             let now = Instant::now();
 
-            if st.end.is_none() && cancelled.as_mut().poll(cx).is_ready() {
+            // The cancellation future takes the token's mutex when polled, so it is polled once
+            // to register this task's waker; afterwards a plain load of `draining` suffices.
+            if !cancel_registered {
+                cancel_registered = true;
+                if cancelled.as_mut().poll(cx).is_ready() {
+                    draining_now = true;
+                }
+            }
+            if st.end.is_none() && (draining_now || draining.load(Ordering::Acquire)) {
                 proxy_close(&mut client, &mut backend, &mut st, 1001, 1001, "going away", now);
             }
 
