@@ -30,6 +30,10 @@ NSOURCES=${NSOURCES:-10}           # client source addresses 127.0.0.1 .. 127.0.
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 RUN_TIMEOUT=${RUN_TIMEOUT:-150}    # hard wall-clock limit per bench run, seconds
+QUIET_BUSY=${QUIET_BUSY:-15}       # before each run, wait until the machine is below this % busy ...
+QUIET_WAIT=${QUIET_WAIT:-30}       # ... for at most this many seconds per run (0 = do not wait)
+QUIET_BUDGET=${QUIET_BUDGET:-240}  # ... and at most this many seconds over the whole script
+QUIET_SPENT=0
 SKIP_INSTALL=${SKIP_INSTALL:-0}
 SKIP_BUILD=${SKIP_BUILD:-0}
 ECHO_PORT=${ECHO_PORT:-19000}
@@ -119,6 +123,36 @@ wait_port() { # port -> 0 when something listens, within ~10 s
         sleep 0.1
     done
     return 1
+}
+
+cpu_busy_pct() { # whole-machine busy % over ~1 s, from /proc/stat
+    local a b
+    read -r -a a < <(grep '^cpu ' /proc/stat)
+    sleep 1
+    read -r -a b < <(grep '^cpu ' /proc/stat)
+    local i ta=0 tb=0
+    for i in 1 2 3 4 5 6 7 8; do
+        ta=$((ta + a[i]))
+        tb=$((tb + b[i]))
+    done
+    local idle=$(((b[4] + b[5]) - (a[4] + a[5]))) total=$((tb - ta))
+    [ "$total" -gt 0 ] || { echo 0; return; }
+    echo $(((100 * (total - idle)) / total))
+}
+
+# Other work on this machine (a compiler, say) skews every figure: wait,
+# bounded, until it is quiet, and record how busy it was.
+wait_quiet() {
+    local waited=0 busy
+    busy=$(cpu_busy_pct)
+    while [ "$busy" -ge "$QUIET_BUSY" ] && [ "$waited" -lt "$QUIET_WAIT" ] && [ "$QUIET_SPENT" -lt "$QUIET_BUDGET" ]; do
+        sleep 2
+        waited=$((waited + 3))
+        QUIET_SPENT=$((QUIET_SPENT + 3))
+        busy=$(cpu_busy_pct)
+    done
+    [ "$busy" -ge "$QUIET_BUSY" ] && log "  machine still ${busy}% busy after ${waited}s: measuring anyway"
+    BUSY_BEFORE=$busy
 }
 
 stop_pid() {
@@ -312,7 +346,7 @@ run_workload() { # round target workload
     local r=$1 t=$2 w=$3
     local -a common mode
     common=(--url "$TARGET_URL" --label "$t" --workload "$w" --sources "$SOURCES"
-        --token "$TOKEN" --origin "$ORIGIN" --timeout $((RUN_TIMEOUT - 20)))
+        --token "$TOKEN" --origin "$ORIGIN" --timeout $((RUN_TIMEOUT - 20)) --backend-pid "$ECHO_PID")
     if [ "$t" = direct ]; then
         common+=(--insecure-plain)
     else
@@ -327,12 +361,13 @@ run_workload() { # round target workload
     *) log "unknown workload $w"; return ;;
     esac
     local line rc
-    echo "# round $r $t $w loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/bench.log"
+    wait_quiet
+    echo "# round $r $t $w busy ${BUSY_BEFORE}% loadavg $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/bench.log"
     line=$(timeout -k 5 "$RUN_TIMEOUT" taskset -c "$LOAD_CPU" "$BENCH" "${mode[@]}" "${common[@]}" 2>>"$OUT/bench.log" | grep '^{' | tail -n 1)
     rc=${PIPESTATUS[0]}
     if [ -n "$line" ]; then
-        printf '%s\n' "{\"round\":$r,${line#\{}" >>"$RESULTS"
-        log "  $t $w: $(printf '%s' "$line" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(" ".join(f"{k}={d[k]}" for k in ("msgs_per_s","rtt_p99_us","proxy_cpu_us_per_msg","gen_cpu_util","bytes_per_session","sessions_per_s","proxy_cpu_us_per_session","errors","first_error") if k in d))')"
+        printf '%s\n' "{\"round\":$r,\"busy_before_pct\":$BUSY_BEFORE,${line#\{}" >>"$RESULTS"
+        log "  $t $w: $(printf '%s' "$line" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(" ".join(f"{k}={d[k]}" for k in ("msgs_per_s","rtt_p99_us","proxy_cpu_us_per_msg","gen_cpu_util","backend_cpu_util","bytes_per_session","sessions_per_s","proxy_cpu_us_per_session","errors","first_error") if k in d))')"
     else
         record_failure "$r" "$t" "$w" "no result (exit $rc)"
         log "  $t $w: no result (exit $rc)"

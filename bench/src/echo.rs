@@ -80,10 +80,7 @@ async fn serve(mut sock: TcpStream) -> Result<(), BoxError> {
     let head = String::from_utf8_lossy(&rbuf[..head_end]).into_owned();
     rbuf.advance(head_end);
     let Some(key) = ws::header_value(&head, "sec-websocket-key") else {
-        sock.write_all(
-            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        )
-        .await?;
+        sock.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await?;
         return Ok(());
     };
     let resp = format!(
@@ -110,11 +107,7 @@ async fn serve(mut sock: TcpStream) -> Result<(), BoxError> {
                 ws::OP_PING => ws::encode_frame(&mut out, true, ws::OP_PONG, payload, None),
                 ws::OP_PONG => {}
                 ws::OP_CLOSE => {
-                    let p: &[u8] = if payload.len() >= 2 {
-                        &payload[..2]
-                    } else {
-                        &[]
-                    };
+                    let p: &[u8] = if payload.len() >= 2 { &payload[..2] } else { &[] };
                     ws::encode_frame(&mut out, true, ws::OP_CLOSE, p, None);
                     closing = true;
                 }

@@ -43,11 +43,18 @@ impl Report {
 #[derive(Clone)]
 pub struct Probe {
     pids: Vec<u32>,
+    backend: Vec<u32>,
 }
 
 impl Probe {
-    pub fn new(pids: Vec<u32>) -> Self {
-        Probe { pids }
+    pub fn new(pids: Vec<u32>, backend: Vec<u32>) -> Self {
+        Probe { pids, backend }
+    }
+
+    /// CPU seconds of the backend (and of this generator), for utilisation.
+    fn load_cpu(&self) -> (Option<f64>, Option<f64>) {
+        let b = if self.backend.is_empty() { None } else { procstat::cpu_seconds(&self.backend).ok() };
+        (self_cpu(), b)
     }
 
     pub fn active(&self) -> bool {
@@ -111,12 +118,23 @@ fn self_cpu() -> Option<f64> {
     procstat::cpu_seconds(&[std::process::id()]).ok()
 }
 
-/// `gen_cpu_util`: the generator's CPU time ÷ wall time (1.0 = one full core).
-fn put_gen_cpu(r: &mut Report, c0: Option<f64>, c1: Option<f64>, wall: Option<f64>) {
-    if let (Some(a), Some(b), Some(w)) = (c0, c1, wall) {
-        if w > 0.0 {
-            r.set("gen_cpu_util", round3((b - a).max(0.0) / w));
-        }
+type LoadCpu = (Option<f64>, Option<f64>);
+
+/// `gen_cpu_util` and `backend_cpu_util`: CPU time ÷ wall time of the
+/// generator and of the backend (1.0 = one full core; when they share a core
+/// and add up to about 1.0, the load side is the bottleneck).
+fn put_gen_cpu(r: &mut Report, c0: Option<LoadCpu>, c1: LoadCpu, wall: Option<f64>) {
+    let (Some((g0, b0)), Some(w)) = (c0, wall) else {
+        return;
+    };
+    if w <= 0.0 {
+        return;
+    }
+    if let (Some(a), Some(b)) = (g0, c1.0) {
+        r.set("gen_cpu_util", round3((b - a).max(0.0) / w));
+    }
+    if let (Some(a), Some(b)) = (b0, c1.1) {
+        r.set("backend_cpu_util", round3((b - a).max(0.0) / w));
     }
 }
 
@@ -131,10 +149,7 @@ struct Errors {
 
 impl Errors {
     fn new() -> Self {
-        Errors {
-            count: 0,
-            first: None,
-        }
+        Errors { count: 0, first: None }
     }
 
     fn add(&mut self, e: impl std::fmt::Display) {
@@ -181,12 +196,7 @@ fn template(sid: u32, size: usize) -> Vec<u8> {
     t
 }
 
-pub async fn throughput(
-    dialer: Arc<Dialer>,
-    a: ThroughputArgs,
-    probe: Probe,
-    mut report: Report,
-) -> bool {
+pub async fn throughput(dialer: Arc<Dialer>, a: ThroughputArgs, probe: Probe, mut report: Report) -> bool {
     report.set("sessions", a.sessions as u64);
     report.set("size", a.size as u64);
     report.set("window", a.window as u64);
@@ -199,12 +209,7 @@ pub async fn throughput(
         let b = barrier.clone();
         let a = a.clone();
         set.spawn(async move {
-            let mut out = SessionOutcome {
-                echoes: 0,
-                rtts: Vec::new(),
-                last_echo: None,
-                error: None,
-            };
+            let mut out = SessionOutcome { echoes: 0, rtts: Vec::new(), last_echo: None, error: None };
             let conn = d.connect(d.source_for(sid), sid as u64).await;
             b.wait().await;
             match conn {
@@ -225,14 +230,14 @@ pub async fn throughput(
     let run = async {
         barrier.wait().await;
         start = Some((Instant::now(), probe.cpu()));
-        gen0 = self_cpu();
+        gen0 = Some(probe.load_cpu());
         while let Some(r) = set.join_next().await {
             outcomes.push(r);
         }
     };
     let timed_out = tokio::time::timeout(a.timeout, run).await.is_err();
     let cpu1 = probe.cpu();
-    let gen1 = self_cpu();
+    let gen1 = probe.load_cpu();
     set.abort_all();
 
     let mut errors = Errors::new();
@@ -266,30 +271,14 @@ pub async fn throughput(
     };
     report.set("messages", echoes);
     report.set("duration_s", round3(secs));
-    report.set(
-        "msgs_per_s",
-        if secs > 0.0 {
-            (echoes as f64 / secs).round()
-        } else {
-            0.0
-        },
-    );
+    report.set("msgs_per_s", if secs > 0.0 { (echoes as f64 / secs).round() } else { 0.0 });
     report.set(
         "mib_per_s",
-        if secs > 0.0 {
-            round3(echoes as f64 * a.size as f64 / secs / (1 << 20) as f64)
-        } else {
-            0.0
-        },
+        if secs > 0.0 { round3(echoes as f64 * a.size as f64 / secs / (1 << 20) as f64) } else { 0.0 },
     );
     put_latency(&mut report, rtts);
     put_cpu(&mut report, cpu0, cpu1, "proxy_cpu_us_per_msg", echoes);
-    put_gen_cpu(
-        &mut report,
-        gen0,
-        gen1,
-        t0.map(|t| t.elapsed().as_secs_f64()),
-    );
+    put_gen_cpu(&mut report, gen0, gen1, t0.map(|t| t.elapsed().as_secs_f64()));
     let ok = errors.count == 0;
     errors.put(&mut report);
     report.print();
@@ -304,16 +293,8 @@ async fn tp_session(
     out: &mut SessionOutcome,
 ) -> Result<(), BoxError> {
     let t0 = Instant::now();
-    let deadline = if a.duration.is_zero() {
-        None
-    } else {
-        Some(t0 + a.duration)
-    };
-    let limit = if a.messages == 0 {
-        u64::MAX
-    } else {
-        a.messages
-    };
+    let deadline = if a.duration.is_zero() { None } else { Some(t0 + a.duration) };
+    let limit = if a.messages == 0 { u64::MAX } else { a.messages };
     let tmpl = template(sid, a.size);
     let mut msg = tmpl.clone();
     let mut sent_at: VecDeque<Instant> = VecDeque::with_capacity(a.window);
@@ -342,9 +323,7 @@ async fn tp_session(
             match m {
                 Incoming::Data { opcode, payload } => {
                     if opcode != ws::OP_BINARY {
-                        return Err(
-                            format!("session {sid}: echo {recv} has opcode {opcode}").into()
-                        );
+                        return Err(format!("session {sid}: echo {recv} has opcode {opcode}").into());
                     }
                     if payload.len() != tmpl.len()
                         || payload[..4] != tmpl[..4]
@@ -357,11 +336,8 @@ async fn tp_session(
                         )
                         .into());
                     }
-                    let t = sent_at
-                        .pop_front()
-                        .ok_or("echo without a message in flight")?;
-                    out.rtts
-                        .push(now.duration_since(t).as_micros().min(u128::from(u32::MAX)) as u32);
+                    let t = sent_at.pop_front().ok_or("echo without a message in flight")?;
+                    out.rtts.push(now.duration_since(t).as_micros().min(u128::from(u32::MAX)) as u32);
                     recv += 1;
                     out.echoes = recv;
                     if recv > sent {
@@ -369,10 +345,7 @@ async fn tp_session(
                     }
                 }
                 Incoming::Close { code } => {
-                    return Err(format!(
-                        "session {sid}: peer closed (code {code:?}) after {recv} echoes"
-                    )
-                    .into());
+                    return Err(format!("session {sid}: peer closed (code {code:?}) after {recv} echoes").into());
                 }
             }
         }
@@ -419,11 +392,7 @@ pub async fn idle(dialer: Arc<Dialer>, a: IdleArgs, probe: Probe, mut report: Re
             }
         });
     }
-    let opened = tokio::time::timeout(a.timeout, async {
-        while set.join_next().await.is_some() {}
-    })
-    .await
-    .is_ok();
+    let opened = tokio::time::timeout(a.timeout, async { while set.join_next().await.is_some() {} }).await.is_ok();
     set.abort_all();
     if !opened {
         lock(&errs).add(format!("opening sessions timed out after {:?}", a.timeout));
@@ -468,14 +437,7 @@ pub async fn idle(dialer: Arc<Dialer>, a: IdleArgs, probe: Probe, mut report: Re
     report.set("sessions_alive", alive);
     report.set("open_s", round3(open_s));
     report.set("duration_s", round3(open_s));
-    report.set(
-        "sessions_per_s",
-        if open_s > 0.0 {
-            (open as f64 / open_s).round()
-        } else {
-            0.0
-        },
-    );
+    report.set("sessions_per_s", if open_s > 0.0 { (open as f64 / open_s).round() } else { 0.0 });
     if let (Some(r0), Some(r1)) = (rss0, rss1) {
         report.set("rss_before_kib", r0);
         report.set("rss_after_kib", r1);
@@ -518,17 +480,12 @@ pub struct HandshakeArgs {
     pub timeout: Duration,
 }
 
-pub async fn handshake(
-    dialer: Arc<Dialer>,
-    a: HandshakeArgs,
-    probe: Probe,
-    mut report: Report,
-) -> bool {
+pub async fn handshake(dialer: Arc<Dialer>, a: HandshakeArgs, probe: Probe, mut report: Report) -> bool {
     report.set("sessions", a.sessions as u64);
     report.set("concurrency", a.concurrency as u64);
     report.set("target", dialer.target.addr.to_string());
     let cpu0 = probe.cpu();
-    let gen0 = self_cpu();
+    let gen0 = Some(probe.load_cpu());
     let t0 = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
     let mut set = JoinSet::new();
@@ -578,23 +535,10 @@ pub async fn handshake(
     report.set("sessions_ok", ok_sessions);
     report.set("messages", ok_sessions);
     report.set("duration_s", round3(secs));
-    report.set(
-        "sessions_per_s",
-        if secs > 0.0 {
-            (ok_sessions as f64 / secs).round()
-        } else {
-            0.0
-        },
-    );
+    report.set("sessions_per_s", if secs > 0.0 { (ok_sessions as f64 / secs).round() } else { 0.0 });
     put_latency(&mut report, lat);
-    put_cpu(
-        &mut report,
-        cpu0,
-        cpu1,
-        "proxy_cpu_us_per_session",
-        ok_sessions,
-    );
-    put_gen_cpu(&mut report, gen0, self_cpu(), Some(secs));
+    put_cpu(&mut report, cpu0, cpu1, "proxy_cpu_us_per_session", ok_sessions);
+    put_gen_cpu(&mut report, gen0, probe.load_cpu(), Some(secs));
     let ok = errors.count == 0;
     errors.put(&mut report);
     report.print();

@@ -20,11 +20,7 @@ use crate::load::{Probe, Report};
 use crate::net::{BoxError, Dialer};
 
 #[derive(Parser)]
-#[command(
-    name = "wsgate-bench",
-    version,
-    about = "Load generator and echo backend for the wsgate benchmark"
-)]
+#[command(name = "wsgate-bench", version, about = "Load generator and echo backend for the wsgate benchmark")]
 struct Cli {
     /// Tokio worker threads (1 = current-thread runtime, the cheapest on a pinned core).
     #[arg(long, global = true, default_value_t = 1)]
@@ -137,6 +133,9 @@ struct Common {
     /// PID(s) of the proxy under test (comma-separated) for CPU and RSS.
     #[arg(long, default_value = "")]
     pid: String,
+    /// PID(s) of the backend, to report its CPU utilisation beside the generator's.
+    #[arg(long, default_value = "")]
+    backend_pid: String,
     /// Target label in the JSON output (e.g. wsgate, nginx).
     #[arg(long, default_value = "target")]
     label: String,
@@ -169,7 +168,7 @@ impl Common {
     }
 
     fn probe(&self) -> Result<Probe, BoxError> {
-        let p = Probe::new(procstat::parse_pids(&self.pid)?);
+        let p = Probe::new(procstat::parse_pids(&self.pid)?, procstat::parse_pids(&self.backend_pid)?);
         if p.active() {
             // Fail early on a wrong PID rather than after the run.
             p.rss().ok_or("cannot read the proxy's /proc entries")?;
@@ -199,71 +198,38 @@ fn run(cli: Cli) -> Result<bool, BoxError> {
     match cli.cmd {
         Cmd::Certs { out, names } => {
             certs::write_certs(&out, &names)?;
-            eprintln!(
-                "wrote ca.pem, cert.pem, key.pem, combined.pem to {}",
-                out.display()
-            );
+            eprintln!("wrote ca.pem, cert.pem, key.pem, combined.pem to {}", out.display());
             return Ok(true);
         }
-        Cmd::Token {
-            secret,
-            secret_env,
-            sub,
-            ttl_secs,
-            aud,
-            iss,
-        } => {
+        Cmd::Token { secret, secret_env, sub, ttl_secs, aud, iss } => {
             let secret = match (secret, secret_env) {
                 (Some(s), _) => s,
-                (None, Some(var)) => std::env::var(&var)
-                    .map_err(|_| format!("environment variable {var} is not set"))?,
+                (None, Some(var)) => {
+                    std::env::var(&var).map_err(|_| format!("environment variable {var} is not set"))?
+                }
                 (None, None) => return Err("--secret or --secret-env is required".into()),
             };
-            println!(
-                "{}",
-                certs::mint_token(
-                    secret.as_bytes(),
-                    &sub,
-                    ttl_secs,
-                    aud.as_deref(),
-                    iss.as_deref()
-                )?
-            );
+            println!("{}", certs::mint_token(secret.as_bytes(), &sub, ttl_secs, aud.as_deref(), iss.as_deref())?);
             return Ok(true);
         }
         _ => {}
     }
 
     let rt = if cli.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(cli.threads)
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_multi_thread().worker_threads(cli.threads).enable_all().build()?
     };
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Echo {
-                listen,
-                max_seconds,
-            } => {
+            Cmd::Echo { listen, max_seconds } => {
                 if !listen.ip().is_loopback() {
                     return Err(format!("refusing to listen on non-loopback {listen}").into());
                 }
                 echo::run(listen, max_seconds).await?;
                 Ok(true)
             }
-            Cmd::Throughput {
-                common,
-                sessions,
-                messages,
-                duration,
-                size,
-                window,
-            } => {
+            Cmd::Throughput { common, sessions, messages, duration, size, window } => {
                 if size < 16 {
                     return Err("--size must be at least 16 bytes".into());
                 }
@@ -284,13 +250,7 @@ fn run(cli: Cli) -> Result<bool, BoxError> {
                 let r = common.report("throughput");
                 Ok(load::throughput(common.dialer()?, args, common.probe()?, r).await)
             }
-            Cmd::Idle {
-                common,
-                sessions,
-                concurrency,
-                hold,
-                settle,
-            } => {
+            Cmd::Idle { common, sessions, concurrency, hold, settle } => {
                 let args = load::IdleArgs {
                     sessions,
                     concurrency,
@@ -301,16 +261,8 @@ fn run(cli: Cli) -> Result<bool, BoxError> {
                 let r = common.report("idle");
                 Ok(load::idle(common.dialer()?, args, common.probe()?, r).await)
             }
-            Cmd::Handshake {
-                common,
-                sessions,
-                concurrency,
-            } => {
-                let args = load::HandshakeArgs {
-                    sessions,
-                    concurrency,
-                    timeout: secs(common.timeout, "--timeout")?,
-                };
+            Cmd::Handshake { common, sessions, concurrency } => {
+                let args = load::HandshakeArgs { sessions, concurrency, timeout: secs(common.timeout, "--timeout")? };
                 let r = common.report("handshake");
                 Ok(load::handshake(common.dialer()?, args, common.probe()?, r).await)
             }

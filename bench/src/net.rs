@@ -70,13 +70,10 @@ impl Target {
         let ip: IpAddr = if host.eq_ignore_ascii_case("localhost") {
             IpAddr::from([127, 0, 0, 1])
         } else {
-            host.parse()
-                .map_err(|_| format!("host must be an IP address or localhost: {host}"))?
+            host.parse().map_err(|_| format!("host must be an IP address or localhost: {host}"))?
         };
         if !ip.is_loopback() {
-            return Err(
-                format!("refusing non-loopback target {ip}: load goes to loopback only").into(),
-            );
+            return Err(format!("refusing non-loopback target {ip}: load goes to loopback only").into());
         }
         Ok(Target {
             tls,
@@ -124,11 +121,7 @@ pub enum Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -137,11 +130,7 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -188,8 +177,8 @@ impl Dialer {
         let target = Target::parse(url)?;
         let (tls, server_name) = if target.tls {
             let ca = ca.ok_or("--ca is required for wss:// targets")?;
-            let sn = ServerName::try_from(target.host.clone())
-                .map_err(|e| format!("server name {}: {e}", target.host))?;
+            let sn =
+                ServerName::try_from(target.host.clone()).map_err(|e| format!("server name {}: {e}", target.host))?;
             (Some(tls_connector(ca)?), Some(sn))
         } else {
             if !insecure_plain {
@@ -198,15 +187,7 @@ impl Dialer {
             (None, None)
         };
         let sources = parse_sources(sources)?;
-        Ok(Dialer {
-            target,
-            tls,
-            server_name,
-            token,
-            origin,
-            sources,
-            io_timeout,
-        })
+        Ok(Dialer { target, tls, server_name, token, origin, sources, io_timeout })
     }
 
     pub fn source_for(&self, i: usize) -> Option<IpAddr> {
@@ -222,9 +203,7 @@ impl Dialer {
     pub async fn connect(&self, source: Option<IpAddr>, seed: u64) -> Result<WsClient, BoxError> {
         match tokio::time::timeout(self.io_timeout, self.connect_inner(source, seed)).await {
             Ok(r) => r,
-            Err(_) => {
-                Err(format!("connect/handshake timed out after {:?}", self.io_timeout).into())
-            }
+            Err(_) => Err(format!("connect/handshake timed out after {:?}", self.io_timeout).into()),
         }
     }
 
@@ -234,20 +213,13 @@ impl Dialer {
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
         if let Some(src) = source {
-            sock.bind(SocketAddr::new(src, 0))
-                .map_err(|e| format!("bind {src}: {e}"))?;
+            sock.bind(SocketAddr::new(src, 0)).map_err(|e| format!("bind {src}: {e}"))?;
         }
-        let tcp = sock
-            .connect(self.target.addr)
-            .await
-            .map_err(|e| format!("connect {}: {e}", self.target.addr))?;
+        let tcp = sock.connect(self.target.addr).await.map_err(|e| format!("connect {}: {e}", self.target.addr))?;
         tcp.set_nodelay(true)?;
         let stream = match (&self.tls, &self.server_name) {
             (Some(c), Some(sn)) => {
-                let s = c
-                    .connect(sn.clone(), tcp)
-                    .await
-                    .map_err(|e| format!("tls: {e}"))?;
+                let s = c.connect(sn.clone(), tcp).await.map_err(|e| format!("tls: {e}"))?;
                 Stream::Tls(Box::new(s))
             }
             _ => Stream::Plain(tcp),
@@ -308,9 +280,7 @@ impl Dialer {
 pub fn parse_sources(s: &str) -> Result<Vec<IpAddr>, BoxError> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let ip: IpAddr = part
-            .parse()
-            .map_err(|_| format!("bad source address {part}"))?;
+        let ip: IpAddr = part.parse().map_err(|_| format!("bad source address {part}"))?;
         if !ip.is_loopback() {
             return Err(format!("source {ip} is not a loopback address").into());
         }
@@ -430,20 +400,13 @@ impl WsClient {
                 }
                 ws::OP_CLOSE => {
                     let p = &self.rbuf[h.header_len..h.frame_len()];
-                    let code = if p.len() >= 2 {
-                        Some(u16::from_be_bytes([p[0], p[1]]))
-                    } else {
-                        None
-                    };
+                    let code = if p.len() >= 2 { Some(u16::from_be_bytes([p[0], p[1]])) } else { None };
                     self.rbuf.advance(h.frame_len());
                     return Ok(Some(Incoming::Close { code }));
                 }
                 ws::OP_TEXT | ws::OP_BINARY if h.fin => {
                     if self.frag_opcode.is_some() {
-                        return Err(WsError::Protocol(
-                            "new message inside a fragmented one".into(),
-                        )
-                        .into());
+                        return Err(WsError::Protocol("new message inside a fragmented one".into()).into());
                     }
                     // Zero copy: hand out the slice, consume it on the next call.
                     self.consumed = h.frame_len();
@@ -454,36 +417,26 @@ impl WsClient {
                 }
                 ws::OP_TEXT | ws::OP_BINARY => {
                     if self.frag_opcode.is_some() {
-                        return Err(WsError::Protocol(
-                            "new message inside a fragmented one".into(),
-                        )
-                        .into());
+                        return Err(WsError::Protocol("new message inside a fragmented one".into()).into());
                     }
                     self.frag.clear();
-                    self.frag
-                        .extend_from_slice(&self.rbuf[h.header_len..h.frame_len()]);
+                    self.frag.extend_from_slice(&self.rbuf[h.header_len..h.frame_len()]);
                     self.frag_opcode = Some(h.opcode);
                     self.rbuf.advance(h.frame_len());
                 }
                 _ => {
                     // Continuation.
                     let Some(op) = self.frag_opcode else {
-                        return Err(
-                            WsError::Protocol("continuation without a message".into()).into()
-                        );
+                        return Err(WsError::Protocol("continuation without a message".into()).into());
                     };
                     if self.frag.len() + h.payload_len > MAX_PAYLOAD {
                         return Err(WsError::TooLarge(self.frag.len() + h.payload_len).into());
                     }
-                    self.frag
-                        .extend_from_slice(&self.rbuf[h.header_len..h.frame_len()]);
+                    self.frag.extend_from_slice(&self.rbuf[h.header_len..h.frame_len()]);
                     self.rbuf.advance(h.frame_len());
                     if h.fin {
                         self.frag_opcode = None;
-                        return Ok(Some(Incoming::Data {
-                            opcode: op,
-                            payload: &self.frag,
-                        }));
+                        return Ok(Some(Incoming::Data { opcode: op, payload: &self.frag }));
                     }
                 }
             }
@@ -505,9 +458,7 @@ impl WsClient {
                     if left.is_zero() {
                         return Err("no close reply".into());
                     }
-                    self.fill(left)
-                        .await
-                        .map_err(|e| format!("waiting for close reply: {e}"))?;
+                    self.fill(left).await.map_err(|e| format!("waiting for close reply: {e}"))?;
                 }
             }
         }

@@ -17,12 +17,9 @@ pub fn parse_pids(s: &str) -> Result<Vec<u32>, BoxError> {
 pub fn rss_kib(pids: &[u32]) -> Result<u64, BoxError> {
     let mut total = 0;
     for pid in pids {
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))
-            .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .ok_or_else(|| format!("no VmRSS for pid {pid}"))?;
+        let status =
+            fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or_else(|| format!("no VmRSS for pid {pid}"))?;
         let kib: u64 = line
             .split_whitespace()
             .nth(1)
@@ -40,15 +37,11 @@ pub fn cpu_seconds(pids: &[u32]) -> Result<f64, BoxError> {
     let tck = if tck > 0 { tck as f64 } else { 100.0 };
     let mut ticks: u64 = 0;
     for pid in pids {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
         // The command name may contain spaces and parentheses: fields are
         // counted after the last ')'. Field 3 (state) is index 0 there, so
         // utime (field 14) is index 11 and stime (field 15) index 12.
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .ok_or("bad /proc stat")?;
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("bad /proc stat")?;
         let f: Vec<&str> = rest.split_whitespace().collect();
         let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).ok_or("bad utime")?;
         let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).ok_or("bad stime")?;
@@ -61,18 +54,12 @@ pub fn cpu_seconds(pids: &[u32]) -> Result<f64, BoxError> {
 pub fn raise_nofile() -> u64 {
     // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
     unsafe {
-        let mut rl = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
+        let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
             return 0;
         }
         if rl.rlim_cur < rl.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: rl.rlim_max,
-                rlim_max: rl.rlim_max,
-            };
+            let want = libc::rlimit { rlim_cur: rl.rlim_max, rlim_max: rl.rlim_max };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 return want.rlim_cur;
             }

@@ -112,13 +112,7 @@ pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<FrameHeader
     } else {
         None
     };
-    Ok(Some(FrameHeader {
-        fin,
-        opcode,
-        mask,
-        header_len: pos,
-        payload_len,
-    }))
+    Ok(Some(FrameHeader { fin, opcode, mask, header_len: pos, payload_len }))
 }
 
 /// XORs `data` with the 4-byte masking key, starting at key offset 0.
@@ -141,13 +135,7 @@ pub fn apply_mask(data: &mut [u8], key: [u8; 4]) {
 }
 
 /// Appends one frame to `out`; masks the payload when `mask` is given.
-pub fn encode_frame(
-    out: &mut Vec<u8>,
-    fin: bool,
-    opcode: u8,
-    payload: &[u8],
-    mask: Option<[u8; 4]>,
-) {
+pub fn encode_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) {
     let b0 = if fin { 0x80 } else { 0 } | (opcode & 0x0F);
     let mbit = if mask.is_some() { 0x80 } else { 0 };
     out.push(b0);
@@ -269,11 +257,7 @@ mod tests {
         let data: Vec<u8> = (0..37u8).collect();
         let mut fast = data.clone();
         apply_mask(&mut fast, key);
-        let slow: Vec<u8> = data
-            .iter()
-            .enumerate()
-            .map(|(i, b)| b ^ key[i % 4])
-            .collect();
+        let slow: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ key[i % 4]).collect();
         assert_eq!(fast, slow);
     }
 
@@ -288,9 +272,6 @@ mod tests {
 
     #[test]
     fn accept_key_rfc_example() {
-        assert_eq!(
-            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
+        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 }
