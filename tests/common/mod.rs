@@ -106,10 +106,27 @@ impl Proxy {
         Proxy::start_file(config_path, dir)
     }
 
+    /// Like [`Proxy::start`], with extra environment variables for the process (e.g.
+    /// `NOTIFY_SOCKET`).
+    pub fn start_with_env(pki: &Pki, config: &str, env: &[(&str, &str)]) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, SECRET).unwrap();
+        let text = fill(config, pki, &secret);
+        let config_path = dir.path().join("wsgate.toml");
+        std::fs::write(&config_path, text).unwrap();
+        Proxy::start_file_env(config_path, dir, env)
+    }
+
     fn start_file(config_path: PathBuf, dir: tempfile::TempDir) -> Proxy {
+        Proxy::start_file_env(config_path, dir, &[])
+    }
+
+    fn start_file_env(config_path: PathBuf, dir: tempfile::TempDir, env: &[(&str, &str)]) -> Proxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
             .args(["run", "--config"])
             .arg(&config_path)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
