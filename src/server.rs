@@ -169,6 +169,16 @@ async fn reject<S: AsyncWrite + Unpin>(shared: &Shared, io: &mut S, client_ip: I
     respond(io, r.status, &r.headers).await;
 }
 
+/// Runs a phase before the upgrade request is complete; `None` when the drain starts first.
+/// Connections that are not sessions yet (port scans, slow or half-sent requests) must not
+/// hold the exit back until `handshake_timeout`: they are dropped without an answer.
+async fn or_drain<F: std::future::Future>(shared: &Shared, phase: F) -> Option<F::Output> {
+    tokio::select! {
+        r = phase => Some(r),
+        _ = shared.shutdown.cancelled() => None,
+    }
+}
+
 async fn connection(
     shared: Arc<Shared>,
     mut tcp: TcpStream,
@@ -182,7 +192,12 @@ async fn connection(
     // PROXY protocol from a trusted balancer names the client; anyone else is a direct client.
     let mut peer_ip = peer.ip().to_canonical();
     if policy.trusted.proxy_protocol() && policy.trusted.is_trusted(peer_ip) {
-        match tokio::time::timeout_at(deadline.into(), proxy_protocol::read_header(&mut tcp)).await {
+        let Some(header) =
+            or_drain(&shared, tokio::time::timeout_at(deadline.into(), proxy_protocol::read_header(&mut tcp))).await
+        else {
+            return;
+        };
+        match header {
             Ok(Ok(Some(src))) => peer_ip = src.ip().to_canonical(),
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
@@ -197,7 +212,11 @@ async fn connection(
         }
     }
 
-    let mut tls = match tokio::time::timeout_at(deadline.into(), policy.acceptor.accept(tcp)).await {
+    let Some(accepted) = or_drain(&shared, tokio::time::timeout_at(deadline.into(), policy.acceptor.accept(tcp))).await
+    else {
+        return;
+    };
+    let mut tls = match accepted {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             shared.metrics.handshake("tls_failed");
@@ -211,7 +230,8 @@ async fn connection(
         }
     };
 
-    let (head, leftover) = match read_head(&mut tls, deadline).await {
+    let Some(head) = or_drain(&shared, read_head(&mut tls, deadline)).await else { return };
+    let (head, leftover) = match head {
         Ok(x) => x,
         Err(HeadError::TooLarge) => {
             let r = Rejection::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large");

@@ -1,0 +1,688 @@
+//! Issue 5: what an operator sees. `/metrics` parsed with a Prometheus text-format parser,
+//! `/healthz` and `/readyz`, SIGHUP reloads (origin list, broken file, certificate swap),
+//! SIGTERM drain, systemd notifications, logs (JSON, redaction, session-end fields),
+//! `wsgate check`, and `systemd-analyze verify` on the unit.
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+/// One scrape of `/metrics`, parsed by `prometheus-parse`.
+struct Scrape(prometheus_parse::Scrape);
+
+impl Scrape {
+    async fn of(proxy: &Proxy) -> Scrape {
+        let (status, body) = proxy.admin_get("/metrics").await;
+        assert_eq!(status, 200, "/metrics status");
+        let lines = body.lines().map(|l| Ok(l.to_string()));
+        Scrape(prometheus_parse::Scrape::parse(lines).expect("/metrics does not parse"))
+    }
+
+    /// The value of the series `name` whose labels include `labels` (None: no such series).
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                other => panic!("{name} is not a scalar: {other:?}"),
+            })
+            .next()
+    }
+
+    /// Like `get`, 0 when the series does not exist yet (a counter never incremented).
+    fn count(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels).unwrap_or(0.0)
+    }
+
+    fn histogram_buckets(&self, name: &str) -> Vec<prometheus_parse::HistogramCount> {
+        self.0
+            .samples
+            .iter()
+            .find_map(|s| match &s.value {
+                prometheus_parse::Value::Histogram(h) if s.metric == name => Some(h.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no histogram {name}"))
+    }
+}
+
+/// Polls `/metrics` until `pred` holds (sessions publish their counters when they end).
+async fn wait_metrics(proxy: &Proxy, what: &str, pred: impl Fn(&Scrape) -> bool) -> Scrape {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = Scrape::of(proxy).await;
+        if pred(&s) {
+            return s;
+        }
+        if Instant::now() > end {
+            panic!("metrics never showed {what}:\n{}", proxy_metrics_text(proxy).await);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn proxy_metrics_text(proxy: &Proxy) -> String {
+    proxy.metrics().await
+}
+
+/// Every captured log line parsed as JSON; panics on a line that is not.
+fn json_lines(proxy: &Proxy) -> Vec<serde_json::Value> {
+    proxy
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn events(proxy: &Proxy, event: &str) -> Vec<serde_json::Value> {
+    json_lines(proxy).into_iter().filter(|v| v["event"] == event).collect()
+}
+
+/// Waits for the process to exit; returns its status and how long it took.
+async fn wait_exit(proxy: &mut Proxy, timeout: Duration) -> (std::process::ExitStatus, Duration) {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = proxy.child.try_wait().unwrap() {
+            return (st, t0.elapsed());
+        }
+        assert!(t0.elapsed() < timeout, "wsgate still running {timeout:?} after the signal");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits for the proxy's close frame, then keeps reading so that tungstenite sends its
+/// reply and sees the connection end; returns the close code.
+async fn closed_with(ws: &mut Client) -> Option<u16> {
+    let code = expect_close(ws, Duration::from_secs(5)).await.map(|c| c.0);
+    let _ = tokio::time::timeout(Duration::from_secs(3), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    code
+}
+
+/// Rewrites one line of the running proxy's config file (for SIGHUP tests).
+fn edit_config(proxy: &Proxy, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    assert!(text.contains(from), "config has no {from:?}");
+    std::fs::write(&proxy.config_path, text.replace(from, to)).unwrap();
+}
+
+/// Sends SIGHUP and waits for the `reload` line with this result (the n-th one overall).
+async fn reload(proxy: &Proxy, result: &str) {
+    let before = events(proxy, "reload").iter().filter(|v| v["result"] == result).count();
+    proxy.signal("HUP");
+    let end = Instant::now() + Duration::from_secs(5);
+    while events(proxy, "reload").iter().filter(|v| v["result"] == result).count() == before {
+        assert!(Instant::now() < end, "no reload {result} line; logs:\n{}", proxy.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn echo(ws: &mut Client, text: &str) {
+    ws.send(Message::Text(text.to_string().into())).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("no echo").unwrap().unwrap();
+    assert_eq!(got, Message::Text(text.to_string().into()));
+}
+
+/// The serial number of the certificate the proxy serves, as seen by a rustls client.
+async fn served_serial(proxy: &Proxy, pki: &Pki) -> Vec<u8> {
+    use x509_parser::prelude::*;
+    let tls = raw_tls(proxy, pki).await;
+    let der = tls.get_ref().1.peer_certificates().expect("no peer certificate")[0].clone();
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).unwrap();
+    cert.raw_serial().to_vec()
+}
+
+fn not_after_of(path: &Path) -> i64 {
+    use x509_parser::prelude::*;
+    let pem = std::fs::read(path).unwrap();
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).unwrap();
+    cert.validity().not_after.timestamp()
+}
+
+use rustls_pki_types::pem::PemObject;
+
+// ---------------------------------------------------------------------------------------------
+// /metrics, /healthz, /readyz
+
+#[tokio::test]
+async fn metrics_follow_sessions_rejections_and_closes() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+
+    let m = Scrape::of(&proxy).await;
+    assert_eq!(m.get("wsgate_sessions_active", &[]), Some(0.0));
+    // Certificate expiry: the served certificate's notAfter, labelled with its first DNS name.
+    assert_eq!(
+        m.get("wsgate_tls_certificate_expiry_timestamp_seconds", &[("server_name", "localhost")]),
+        Some(not_after_of(&pki.cert_path) as f64)
+    );
+    for dir in ["client_to_backend", "backend_to_client"] {
+        assert_eq!(m.get("wsgate_messages_total", &[("direction", dir)]), Some(0.0), "{dir}");
+        assert_eq!(m.get("wsgate_bytes_total", &[("direction", dir)]), Some(0.0), "{dir}");
+    }
+    assert_eq!(m.get("wsgate_handshake_duration_seconds_count", &[]), Some(0.0));
+
+    // A rejection: Origin not on the list.
+    let err = connect(&proxy, &pki).header("Origin", "https://evil.example.net").go().await.unwrap_err();
+    assert_eq!(err.status(), 403);
+    let m = Scrape::of(&proxy).await;
+    assert_eq!(m.count("wsgate_handshakes_total", &[("result", "origin_denied")]), 1.0);
+    assert_eq!(m.count("wsgate_handshakes_total", &[("result", "accepted")]), 0.0);
+
+    // An accepted session: active while open, traffic counted by direction after it ends.
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    let m = wait_metrics(&proxy, "one active session", |m| m.get("wsgate_sessions_active", &[]) == Some(1.0)).await;
+    assert_eq!(m.count("wsgate_handshakes_total", &[("result", "accepted")]), 1.0);
+    echo(&mut ws, "hello").await; // 5 bytes
+    echo(&mut ws, "operator!").await; // 9 bytes
+    ws.send(Message::Binary(vec![0u8; 100].into())).await.unwrap();
+    let _ = ws.next().await.unwrap().unwrap();
+    ws.send(close_frame(1000, "done")).await.unwrap();
+    assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await.map(|c| c.0), Some(1000));
+
+    let m = wait_metrics(&proxy, "the session's end", |m| {
+        m.count("wsgate_closes_total", &[("code", "1000"), ("initiator", "client")]) == 1.0
+    })
+    .await;
+    assert_eq!(m.get("wsgate_sessions_active", &[]), Some(0.0));
+    for dir in ["client_to_backend", "backend_to_client"] {
+        assert_eq!(m.get("wsgate_messages_total", &[("direction", dir)]), Some(3.0), "{dir}");
+        assert_eq!(m.get("wsgate_bytes_total", &[("direction", dir)]), Some(114.0), "{dir}");
+    }
+    // Every answered upgrade is observed: the 403 and the 101.
+    assert_eq!(m.get("wsgate_handshake_duration_seconds_count", &[]), Some(2.0));
+    let buckets = m.histogram_buckets("wsgate_handshake_duration_seconds");
+    let inf = buckets.iter().find(|b| b.less_than.is_infinite()).expect("+Inf bucket");
+    assert_eq!(inf.count, 2.0);
+    assert_eq!(m.count("wsgate_rate_limited_messages_total", &[]), 0.0);
+
+    // A close started by the proxy (frame over max_frame_size) is counted with its code and side.
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    ws.send(Message::Binary(vec![0u8; 65 * 1024].into())).await.unwrap();
+    assert_eq!(closed_with(&mut ws).await, Some(1009));
+    let m = wait_metrics(&proxy, "the 1009", |m| {
+        m.count("wsgate_closes_total", &[("code", "1009"), ("initiator", "proxy")]) == 1.0
+    })
+    .await;
+    assert_eq!(m.get("wsgate_sessions_active", &[]), Some(0.0));
+}
+
+#[tokio::test]
+async fn healthz_and_readyz_then_503_while_draining() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let mut proxy =
+        Proxy::start(&pki, &config(backend.addr, "").replace("shutdown_grace = \"5s\"", "shutdown_grace = \"3s\""));
+    assert_eq!(proxy.admin_get("/healthz").await.0, 200);
+    assert_eq!(proxy.admin_get("/readyz").await.0, 200);
+
+    // A client that never answers the close keeps the drain going until shutdown_grace.
+    let mut stuck = raw_upgrade(&proxy, &pki).await;
+    let t0 = Instant::now();
+    proxy.signal("TERM");
+    let (op, payload) = read_raw_frame(&mut stuck).await.expect("close frame");
+    assert_eq!(op, 8);
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1001);
+    assert_eq!(proxy.admin_get("/readyz").await.0, 503, "/readyz while draining");
+    assert_eq!(proxy.admin_get("/healthz").await.0, 200, "/healthz while draining");
+    // No new session while draining.
+    assert!(connect(&proxy, &pki).go().await.is_err(), "a new session was admitted during the drain");
+
+    let (status, _) = wait_exit(&mut proxy, Duration::from_secs(6)).await;
+    let took = t0.elapsed();
+    assert_eq!(status.code(), Some(0));
+    assert!(took >= Duration::from_millis(2500) && took < Duration::from_millis(4500), "exit after {took:?}");
+    assert_eq!(events(&proxy, "drain_timeout").len(), 1, "{}", proxy.log_text());
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIGTERM
+
+#[tokio::test]
+async fn sigterm_closes_sessions_with_1001_and_exits_0_at_once() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let mut proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let (mut a, _) = connect(&proxy, &pki).go().await.unwrap();
+    let (mut b, _) = connect(&proxy, &pki).go().await.unwrap();
+    echo(&mut a, "a").await;
+    echo(&mut b, "b").await;
+
+    let t0 = Instant::now();
+    proxy.signal("TERM");
+    assert_eq!(closed_with(&mut a).await, Some(1001));
+    assert_eq!(closed_with(&mut b).await, Some(1001));
+    // The backend is told too.
+    for _ in 0..2 {
+        let seen = backend.next_session().await;
+        assert!(matches!(seen.messages.last(), Some(Message::Close(Some(f))) if u16::from(f.code) == 1001));
+    }
+    // shutdown_grace is 5 s; with every session closed the process does not wait for it.
+    let (status, _) = wait_exit(&mut proxy, Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "exit took {:?}", t0.elapsed());
+    let ends = events(&proxy, "session_end");
+    assert_eq!(ends.len(), 2);
+    assert!(ends.iter().all(|e| e["close_code"] == 1001 && e["initiator"] == "proxy"), "{ends:?}");
+    assert_eq!(events(&proxy, "stopped").len(), 1);
+}
+
+#[tokio::test]
+async fn sigint_drains_like_sigterm() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let mut proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    proxy.signal("INT");
+    assert_eq!(closed_with(&mut ws).await, Some(1001));
+    let (status, took) = wait_exit(&mut proxy, Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(0));
+    assert!(took < Duration::from_secs(2), "exit took {took:?}");
+}
+
+#[tokio::test]
+async fn sigterm_does_not_wait_for_connections_that_never_became_sessions() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    // handshake_timeout 3 s, shutdown_grace 5 s: half-open connections (port scanners,
+    // slowloris) are not sessions and must not hold the exit back.
+    let mut proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let _idle_tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut half_request = raw_tls(&proxy, &pki).await;
+    half_request.write_all(b"GET /chat HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
+    half_request.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.signal("TERM");
+    let (status, took) = wait_exit(&mut proxy, Duration::from_secs(6)).await;
+    assert_eq!(status.code(), Some(0));
+    assert!(took < Duration::from_secs(1), "exit took {took:?}: waited for handshakes, not sessions");
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIGHUP
+
+#[tokio::test]
+async fn sighup_origin_change_applies_to_new_sessions_while_open_one_relays() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let (mut old, _) = connect(&proxy, &pki).go().await.unwrap();
+    echo(&mut old, "before").await;
+
+    edit_config(&proxy, &format!("allow = [\"{ORIGIN}\", "), "allow = [\"https://new.example.net\", ");
+    reload(&proxy, "ok").await;
+
+    let err = connect(&proxy, &pki).go().await.unwrap_err();
+    assert_eq!(err.status(), 403, "the old origin is still allowed after the reload");
+    let (mut new, _) = connect(&proxy, &pki).header("Origin", "https://new.example.net").go().await.unwrap();
+    echo(&mut new, "new origin").await;
+    echo(&mut old, "after").await;
+
+    let m = Scrape::of(&proxy).await;
+    assert_eq!(m.count("wsgate_config_reloads_total", &[("result", "ok")]), 1.0);
+    assert_eq!(m.count("wsgate_config_reloads_total", &[("result", "refused")]), 0.0);
+    assert_eq!(m.get("wsgate_sessions_active", &[]), Some(2.0));
+}
+
+#[tokio::test]
+async fn sighup_with_broken_file_keeps_old_config() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let (mut open, _) = connect(&proxy, &pki).go().await.unwrap();
+    let good = std::fs::read_to_string(&proxy.config_path).unwrap();
+
+    // Not TOML at all, then valid TOML with a bad value: both refused.
+    std::fs::write(&proxy.config_path, "[server\nlisten = ").unwrap();
+    reload(&proxy, "refused").await;
+    std::fs::write(&proxy.config_path, good.replace("[origin]\nallow = [", "[origin]\nallow = [\"not a url\", "))
+        .unwrap();
+    reload(&proxy, "refused").await;
+    let refused = events(&proxy, "reload");
+    assert!(refused.iter().all(|v| v["level"] == "ERROR" && v["error"].as_str().is_some_and(|e| !e.is_empty())));
+    assert!(refused[1]["error"].as_str().unwrap().contains("origin"), "{}", refused[1]);
+
+    // Still serving, with the old policy: the old origin is admitted; the open session relays.
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    echo(&mut ws, "still here").await;
+    echo(&mut open, "me too").await;
+    assert_eq!(proxy.admin_get("/readyz").await.0, 200);
+
+    std::fs::write(&proxy.config_path, &good).unwrap();
+    reload(&proxy, "ok").await;
+    let m = Scrape::of(&proxy).await;
+    assert_eq!(m.count("wsgate_config_reloads_total", &[("result", "refused")]), 2.0);
+    assert_eq!(m.count("wsgate_config_reloads_total", &[("result", "ok")]), 1.0);
+}
+
+#[tokio::test]
+async fn certificate_swapped_on_disk_is_served_after_reload() {
+    let mut pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    assert_eq!(served_serial(&proxy, &pki).await, vec![1, 2, 3, 4]);
+    let (mut open, _) = connect(&proxy, &pki).go().await.unwrap();
+
+    pki.issue(&[9, 9, 9]);
+    // Not before the reload: no file watching surprises.
+    assert_eq!(served_serial(&proxy, &pki).await, vec![1, 2, 3, 4]);
+    reload(&proxy, "ok").await;
+    assert_eq!(served_serial(&proxy, &pki).await, vec![9, 9, 9]);
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    echo(&mut ws, "new cert").await;
+    echo(&mut open, "old connection").await;
+    let m = Scrape::of(&proxy).await;
+    assert_eq!(
+        m.get("wsgate_tls_certificate_expiry_timestamp_seconds", &[("server_name", "localhost")]),
+        Some(not_after_of(&pki.cert_path) as f64)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// systemd notifications
+
+#[tokio::test]
+async fn notify_socket_gets_ready_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let recv = || {
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).expect("no notification within 5 s");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let lines = |msg: &str| msg.lines().map(str::to_string).collect::<Vec<_>>();
+
+    let mut proxy =
+        Proxy::start_with_env(&pki, &config(backend.addr, ""), &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
+    assert!(lines(&recv()).contains(&"READY=1".to_string()));
+
+    proxy.signal("HUP");
+    let reloading = lines(&recv());
+    assert!(reloading.contains(&"RELOADING=1".to_string()), "{reloading:?}");
+    // systemd >= 253 wants the reload's start time with it.
+    assert!(reloading.iter().any(|l| l.starts_with("MONOTONIC_USEC=")), "{reloading:?}");
+    assert!(lines(&recv()).contains(&"READY=1".to_string()));
+
+    proxy.signal("TERM");
+    assert!(lines(&recv()).contains(&"STOPPING=1".to_string()));
+    assert_eq!(wait_exit(&mut proxy, Duration::from_secs(5)).await.0.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// logs
+
+#[tokio::test]
+async fn tokens_never_reach_the_log_and_session_end_has_top_level_fields() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    // debug: what an operator turns on when something goes wrong must not leak either.
+    let cfg = config(backend.addr, "").replace("level = \"info\"", "level = \"debug\"");
+    let mut proxy = Proxy::start(&pki, &cfg);
+
+    let (hdr, query, cookie, proto) = (token("hdr", 600), token("qry", 600), token("cky", 600), token("pro", 600));
+    let bad = {
+        // Right shape, wrong signature: refused as token_invalid, must not be logged either.
+        let mut t = token("bad", 600);
+        t.push_str("AAAA");
+        t
+    };
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap(); // alice, Bearer header
+    let bearer = connect(&proxy, &pki).headers.iter().find(|(k, _)| k == "Authorization").unwrap().1.clone();
+    ws.send(Message::Text("hi".into())).await.unwrap();
+    ws.send(Message::Binary(vec![1u8; 10].into())).await.unwrap();
+    let _ = ws.next().await;
+    let _ = ws.next().await;
+    ws.send(close_frame(4000, "bye")).await.unwrap();
+    expect_close(&mut ws, Duration::from_secs(5)).await;
+
+    let no_auth = || connect(&proxy, &pki).without("Authorization");
+    let (mut a, _) = connect(&proxy, &pki).header("Authorization", &format!("Bearer {hdr}")).go().await.unwrap();
+    let (mut b, _) = no_auth().path(&format!("/chat?room=1&access_token={query}")).go().await.unwrap();
+    let (mut c, _) = no_auth().header("Cookie", &format!("theme=dark; access_token={cookie}")).go().await.unwrap();
+    let (mut d, _) =
+        no_auth().header("Sec-WebSocket-Protocol", &format!("chat, access_token, {proto}")).go().await.unwrap();
+    for ws in [&mut a, &mut b, &mut c, &mut d] {
+        echo(ws, "x").await;
+    }
+    // Refusals with tokens in every place.
+    for conn in [
+        connect(&proxy, &pki).header("Authorization", &format!("Bearer {bad}")),
+        no_auth().path(&format!("/chat?access_token={bad}")),
+        no_auth().header("Cookie", &format!("access_token={bad}")),
+        connect(&proxy, &pki).header("Origin", "https://evil.example.net").path(&format!("/chat?access_token={query}")),
+    ] {
+        let st = conn.go().await.unwrap_err().status();
+        assert!(st == 401 || st == 403, "{st}");
+    }
+    // A drain ends the other sessions (session_end lines for all of them).
+    proxy.signal("TERM");
+    for ws in [&mut a, &mut b, &mut c, &mut d] {
+        assert_eq!(closed_with(ws).await, Some(1001));
+    }
+    assert_eq!(wait_exit(&mut proxy, Duration::from_secs(5)).await.0.code(), Some(0));
+
+    let text = proxy.log_text();
+    let bearer_token = bearer.trim_start_matches("Bearer ").to_string();
+    for t in [&bearer_token, &hdr, &query, &cookie, &proto, &bad] {
+        let sig = t.rsplit('.').next().unwrap();
+        assert!(!text.contains(sig), "a token (or its signature) is in the log:\n{text}");
+    }
+    assert!(!text.contains(SECRET), "the HMAC secret is in the log");
+
+    // Every line is JSON; rejections carry client_ip, reason, status at the top level.
+    let rejected = events(&proxy, "rejected");
+    assert_eq!(rejected.len(), 4, "{rejected:?}");
+    for r in &rejected {
+        assert_eq!(r["client_ip"], "127.0.0.1");
+        assert!(r["status"].is_u64(), "{r}");
+        assert!(r["reason"].is_string(), "{r}");
+    }
+    let reasons: Vec<_> = rejected.iter().map(|r| r["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["token_invalid", "token_invalid", "token_invalid", "origin_denied"]);
+    assert_eq!(rejected[3]["status"], 403);
+
+    // session_end: the DESIGN.md fields, at the top level, numbers as numbers.
+    let ends = events(&proxy, "session_end");
+    assert_eq!(ends.len(), 5, "{ends:?}");
+    let first = &ends[0];
+    assert_eq!(first["client_ip"], "127.0.0.1");
+    assert_eq!(first["sub"], "alice");
+    assert!(first["duration_ms"].is_u64(), "{first}");
+    assert_eq!(first["msgs_in"], 2);
+    assert_eq!(first["msgs_out"], 2);
+    assert_eq!(first["bytes_in"], 12);
+    assert_eq!(first["bytes_out"], 12);
+    assert_eq!(first["close_code"], 4000);
+    assert_eq!(first["initiator"], "client");
+    let mut subs: Vec<_> = ends[1..].iter().map(|e| e["sub"].as_str().unwrap().to_string()).collect();
+    subs.sort();
+    assert_eq!(subs, ["cky", "hdr", "pro", "qry"]);
+    assert!(ends[1..].iter().all(|e| e["close_code"] == 1001 && e["initiator"] == "proxy" && e["msgs_in"] == 1));
+}
+
+#[tokio::test]
+async fn json_format_means_every_stdout_and_stderr_line_is_json() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let mut proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    echo(&mut ws, "x").await;
+    let _ = connect(&proxy, &pki).without("Authorization").go().await.unwrap_err();
+    // Plaintext on the TLS port, a broken reload, a good reload, a drain.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+    }
+    let good = std::fs::read_to_string(&proxy.config_path).unwrap();
+    std::fs::write(&proxy.config_path, "nonsense = ").unwrap();
+    reload(&proxy, "refused").await;
+    std::fs::write(&proxy.config_path, good.replace("127.0.0.1:0", "127.0.0.1:1")).unwrap();
+    reload(&proxy, "ok").await; // says listen addresses change only on restart
+    proxy.signal("TERM");
+    assert_eq!(closed_with(&mut ws).await, Some(1001));
+    assert_eq!(wait_exit(&mut proxy, Duration::from_secs(5)).await.0.code(), Some(0));
+    let lines = json_lines(&proxy);
+    assert!(lines.iter().all(|v| v["level"].is_string() && v["event"].is_string()), "{lines:?}");
+    assert!(
+        lines.iter().any(|v| v["event"] == "reload" && v["message"].as_str().unwrap_or("").contains("restart")),
+        "{lines:?}"
+    );
+
+    // A fatal error at start-up is a JSON line on stderr too.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(backend.addr, "").replace("{cert}", "/nonexistent/cert.pem");
+    let path = dir.path().join("wsgate.toml");
+    std::fs::write(&path, fill(&cfg, &pki, &dir.path().join("secret"))).unwrap();
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate")).args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!all.trim().is_empty());
+    for l in all.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["message"].as_str().unwrap_or("").contains("tls.cert"), "{l}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// wsgate check
+
+/// config.example.toml with the test certificate, in a temp dir; (dir, path).
+fn example_config(pki: &Pki, edit: impl Fn(String) -> String) -> (tempfile::TempDir, std::path::PathBuf) {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")).unwrap();
+    let text = text
+        .replace("\"/etc/wsgate/tls/fullchain.pem\"", &format!("{:?}", pki.cert_path.display().to_string()))
+        .replace("\"/etc/wsgate/tls/privkey.pem\"", &format!("{:?}", pki.key_path.display().to_string()));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wsgate.toml");
+    std::fs::write(&path, edit(text)).unwrap();
+    (dir, path)
+}
+
+fn check(path: &Path, secret: &str) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["check", "--config"])
+        .arg(path)
+        .env("WSGATE_JWT_SECRET", secret)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    (out.status.code().expect("killed by a signal"), stdout, stderr)
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let pki = Pki::new();
+    let (_dir, path) = example_config(&pki, |t| t);
+    let (code, stdout, stderr) = check(&path, SECRET);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("is valid"), "{stdout}");
+    assert!(stdout.contains("localhost"), "certificate summary missing:\n{stdout}");
+    assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET));
+}
+
+#[test]
+fn check_refuses_broken_configs_naming_the_key() {
+    let pki = Pki::new();
+    let other_key = {
+        let k = rcgen::KeyPair::generate().unwrap();
+        let p = pki.dir.path().join("other-key.pem");
+        std::fs::write(&p, k.serialize_pem()).unwrap();
+        p
+    };
+    let key_line = format!("key = {:?}", pki.key_path.display().to_string());
+    type Edit<'a> = Box<dyn Fn(String) -> String + 'a>;
+    let cases: Vec<(&str, Edit, &str, &[&str])> = vec![
+        (
+            "unknown key",
+            Box::new(|t| t.replacen("[server]\n", "[server]\nlisten_adress = \"x\"\n", 1)),
+            SECRET,
+            &["listen_adress", "line"],
+        ),
+        (
+            "bad duration",
+            Box::new(|t| t.replace("handshake_timeout = \"10s\"", "handshake_timeout = \"ten seconds\"")),
+            SECRET,
+            &["handshake_timeout"],
+        ),
+        (
+            "missing cert file",
+            Box::new(|t| {
+                let cert = format!("{:?}", pki.cert_path.display().to_string());
+                t.replace(&cert, "\"/nonexistent/fullchain.pem\"")
+            }),
+            SECRET,
+            &["tls.cert", "/nonexistent/fullchain.pem"],
+        ),
+        (
+            "cert/key mismatch",
+            Box::new(|t| t.replace(&key_line, &format!("key = {:?}", other_key.display().to_string()))),
+            SECRET,
+            &["tls", "match"],
+        ),
+        ("missing auth.mode", Box::new(|t| t.replacen("mode = \"jwt\"\n", "", 1)), SECRET, &["auth.mode"]),
+        ("short HMAC secret", Box::new(|t| t), "too-short", &["auth.secret_env", "32"]),
+    ];
+    for (what, edit, secret, needles) in cases {
+        let (_dir, path) = example_config(&pki, &edit);
+        let (code, stdout, stderr) = check(&path, secret);
+        assert_eq!(code, 2, "{what}: exit {code}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+        for n in needles {
+            assert!(stderr.contains(n), "{what}: message does not name {n:?}:\n{stderr}");
+        }
+    }
+}
+
+#[test]
+fn missing_config_file_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nope.toml");
+    let (code, _, stderr) = check(&path, SECRET);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("nope.toml"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate")).args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// deploy/systemd
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/deploy/verify_systemd.sh");
+    let out = Command::new("bash").arg(script).env("WSGATE_SECURITY", "0").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let have_tool =
+        Command::new("sh").args(["-c", "command -v systemd-analyze"]).output().is_ok_and(|o| o.status.success());
+    if !have_tool {
+        println!("NOTE: skipped, systemd-analyze is not installed and could not be installed:\n{stderr}");
+        return;
+    }
+    assert!(out.status.success(), "verify_systemd.sh failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("OK, systemd-analyze verify is clean"), "{stdout}");
+}
