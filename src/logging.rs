@@ -3,14 +3,45 @@
 //! code logs reasons and client addresses, never request lines or credential headers.
 
 use crate::config::LogFormat;
-use tracing_subscriber::EnvFilter;
+use std::sync::OnceLock;
+use tracing_subscriber::{reload, EnvFilter};
+
+type SetLevel = Box<dyn Fn(EnvFilter) -> Result<(), reload::Error> + Send + Sync>;
+
+/// Swaps the installed subscriber's filter (SIGHUP applies a new `log.level`).
+static SET_LEVEL: OnceLock<SetLevel> = OnceLock::new();
+
+fn remember<S: 'static>(handle: reload::Handle<EnvFilter, S>) {
+    let _ = SET_LEVEL.set(Box::new(move |f| handle.reload(f)));
+}
 
 /// Installs the global subscriber. A second call (tests, reload) is ignored.
 pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init(),
-        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())).try_init(),
-    };
+    match format {
+        LogFormat::Json => {
+            let b = builder.json().flatten_event(true).with_current_span(false).with_span_list(false);
+            let b = b.with_filter_reloading();
+            let handle = b.reload_handle();
+            if b.try_init().is_ok() {
+                remember(handle);
+            }
+        }
+        LogFormat::Text => {
+            let b = builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())).with_filter_reloading();
+            let handle = b.reload_handle();
+            if b.try_init().is_ok() {
+                remember(handle);
+            }
+        }
+    }
+}
+
+/// Applies a new level or filter (`log.level`) to the installed subscriber; a no-op when
+/// [`init`] did not install one. The format changes only on restart.
+pub fn set_level(level: &str) -> Result<(), String> {
+    let Some(set) = SET_LEVEL.get() else { return Ok(()) };
+    let filter = EnvFilter::try_new(level).map_err(|e| format!("log.level: {e}"))?;
+    set(filter).map_err(|e| format!("log.level: {e}"))
 }

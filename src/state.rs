@@ -194,6 +194,12 @@ impl Shared {
                         "listen addresses change only on restart; keeping the current listeners"
                     );
                 }
+                if old.config.log.format != p.config.log.format {
+                    tracing::warn!(event = "reload", "log.format changes only on restart; keeping the current format");
+                }
+                if let Err(e) = crate::logging::set_level(&p.config.log.level) {
+                    tracing::warn!(event = "reload", error = %e, "log level not applied");
+                }
                 self.metrics.set_certs(&p.certs);
                 self.policy.store(Arc::new(p));
                 self.metrics.reload("ok");

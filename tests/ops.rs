@@ -686,3 +686,29 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     assert!(out.status.success(), "verify_systemd.sh failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("OK, systemd-analyze verify is clean"), "{stdout}");
 }
+
+#[tokio::test]
+async fn sighup_applies_a_new_log_level() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let refuse = || connect(&proxy, &pki).header("Origin", "https://evil.example.net").go();
+    assert_eq!(refuse().await.unwrap_err().status(), 403);
+    assert_eq!(events(&proxy, "rejected").len(), 1);
+
+    // info -> warn: rejections (info) are no longer logged. The new level applies to the
+    // reload's own (info) line too, so wait for the metric instead.
+    edit_config(&proxy, "level = \"info\"", "level = \"warn\"");
+    proxy.signal("HUP");
+    wait_metrics(&proxy, "the reload", |m| m.count("wsgate_config_reloads_total", &[("result", "ok")]) == 1.0).await;
+    assert_eq!(refuse().await.unwrap_err().status(), 403);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(events(&proxy, "rejected").len(), 1, "log level not applied on reload:\n{}", proxy.log_text());
+
+    // warn -> info again.
+    edit_config(&proxy, "level = \"warn\"", "level = \"info\"");
+    reload(&proxy, "ok").await; // logged: the level is info again
+    assert_eq!(refuse().await.unwrap_err().status(), 403);
+    assert!(proxy.wait_log("origin_denied", Duration::from_secs(2)).await);
+    assert_eq!(events(&proxy, "rejected").len(), 2);
+}
