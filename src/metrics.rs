@@ -10,6 +10,25 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// Every `result` of `wsgate_handshakes_total` (DESIGN.md, Operations and fine print).
+pub const HANDSHAKE_RESULTS: [&str; 15] = [
+    "accepted",
+    "pending_dropped",
+    "handshake_timeout",
+    "headers_too_large",
+    "not_websocket",
+    "rate_limited",
+    "origin_denied",
+    "token_missing",
+    "token_invalid",
+    "ip_cap",
+    "global_cap",
+    "backend_unreachable",
+    "backend_timeout",
+    "bad_request",
+    "tls_failed",
+];
+
 /// `result` label of handshakes and reloads.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -116,6 +135,17 @@ impl Metrics {
             "Client IP prefixes tracked by the per-IP limiter",
             per_ip_keys.clone(),
         );
+        // Every known label value exists from the start at 0, so that the first refusal of a
+        // kind shows up in `rate()`/`increase()` (a series born at 1 has no increase).
+        for result in HANDSHAKE_RESULTS {
+            drop(handshakes.get_or_create(&ResultLabel { result }));
+        }
+        for result in ["ok", "refused"] {
+            drop(config_reloads.get_or_create(&ResultLabel { result }));
+        }
+        for result in ["backend_unreachable", "backend_timeout"] {
+            drop(backend_errors.get_or_create(&ResultLabel { result }));
+        }
         let dir = |d| DirLabel { direction: d };
         let c2b_msgs = messages.get_or_create(&dir("client_to_backend")).clone();
         let c2b_bytes = bytes.get_or_create(&dir("client_to_backend")).clone();
