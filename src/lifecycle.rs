@@ -5,6 +5,7 @@ use crate::state::{Policy, Shared};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// Why `run` failed: exit code 2 for configuration problems, 1 for runtime failures.
 #[derive(Debug)]
@@ -32,6 +33,9 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
 /// Builds the policy, binds, serves until a drain completes. `on_bound` is called once the
 /// listeners are up.
 pub async fn run(config: Config, path: Option<PathBuf>, on_bound: impl FnOnce(&Bound)) -> Result<(), RunError> {
+    // Handlers first: a SIGHUP right after READY=1 (`systemctl reload`, a certbot hook) must
+    // not meet the default action, which ends the process.
+    let signals = Signals::install();
     let policy = Policy::build(config).await.map_err(RunError::Config)?;
     let listen_addrs = policy.config.server.listen.addrs();
     let admin_addr = policy.config.admin.listen;
@@ -51,7 +55,7 @@ pub async fn run(config: Config, path: Option<PathBuf>, on_bound: impl FnOnce(&B
     on_bound(&bound);
     notify(&[sd_notify::NotifyState::Ready]);
 
-    wait_for_stop(&shared).await;
+    wait_for_stop(&shared, signals).await;
 
     notify(&[sd_notify::NotifyState::Stopping]);
     let grace = shared.policy.load().config.server.shutdown_grace.get();
@@ -69,12 +73,21 @@ pub async fn run(config: Config, path: Option<PathBuf>, on_bound: impl FnOnce(&B
     Ok(())
 }
 
+/// SIGHUP, SIGTERM and SIGINT handlers (`None` when they could not be installed).
+struct Signals(Option<(Signal, Signal, Signal)>);
+
+impl Signals {
+    fn install() -> Signals {
+        match (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(hup), Ok(term), Ok(int)) => Signals(Some((hup, term, int))),
+            _ => Signals(None),
+        }
+    }
+}
+
 /// Handles SIGHUP (reload) until SIGTERM or SIGINT.
-async fn wait_for_stop(shared: &Arc<Shared>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) =
-        (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+async fn wait_for_stop(shared: &Arc<Shared>, signals: Signals) {
+    let Signals(Some((mut hup, mut term, mut int))) = signals else {
         tracing::error!(event = "signals", "cannot install signal handlers; serving until killed");
         return std::future::pending().await;
     };
