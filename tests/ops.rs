@@ -67,14 +67,10 @@ async fn wait_metrics(proxy: &Proxy, what: &str, pred: impl Fn(&Scrape) -> bool)
             return s;
         }
         if Instant::now() > end {
-            panic!("metrics never showed {what}:\n{}", proxy_metrics_text(proxy).await);
+            panic!("metrics never showed {what}:\n{}", proxy.metrics().await);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn proxy_metrics_text(proxy: &Proxy) -> String {
-    proxy.metrics().await
 }
 
 /// Every captured log line parsed as JSON; panics on a line that is not.
@@ -92,12 +88,29 @@ fn events(proxy: &Proxy, event: &str) -> Vec<serde_json::Value> {
     json_lines(proxy).into_iter().filter(|v| v["event"] == event).collect()
 }
 
+/// Waits until there are `n` lines of this event (log capture runs in other threads).
+async fn wait_events(proxy: &Proxy, event: &str, n: usize) -> Vec<serde_json::Value> {
+    let end = Instant::now() + Duration::from_secs(3);
+    loop {
+        let v = events(proxy, event);
+        if v.len() >= n || Instant::now() > end {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits for the process to exit; returns its status and how long it took.
 async fn wait_exit(proxy: &mut Proxy, timeout: Duration) -> (std::process::ExitStatus, Duration) {
     let t0 = Instant::now();
     loop {
         if let Some(st) = proxy.child.try_wait().unwrap() {
-            return (st, t0.elapsed());
+            let took = t0.elapsed();
+            // The log reader threads may lag behind the exit: a clean exit ends with "stopped".
+            if st.success() {
+                proxy.wait_log("\"event\":\"stopped\"", Duration::from_secs(2)).await;
+            }
+            return (st, took);
         }
         assert!(t0.elapsed() < timeout, "wsgate still running {timeout:?} after the signal");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -132,8 +145,13 @@ async fn reload(proxy: &Proxy, result: &str) {
 
 async fn echo(ws: &mut Client, text: &str) {
     ws.send(Message::Text(text.to_string().into())).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("no echo").unwrap().unwrap();
-    assert_eq!(got, Message::Text(text.to_string().into()));
+    loop {
+        let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("no echo").unwrap().unwrap();
+        if !matches!(got, Message::Ping(_) | Message::Pong(_)) {
+            assert_eq!(got, Message::Text(text.to_string().into()));
+            return;
+        }
+    }
 }
 
 /// The serial number of the certificate the proxy serves, as seen by a rustls client.
@@ -176,6 +194,29 @@ async fn metrics_follow_sessions_rejections_and_closes() {
         assert_eq!(m.get("wsgate_bytes_total", &[("direction", dir)]), Some(0.0), "{dir}");
     }
     assert_eq!(m.get("wsgate_handshake_duration_seconds_count", &[]), Some(0.0));
+    // Known label values exist at 0 from the start: the first refusal of a kind is an increase.
+    for result in [
+        "accepted",
+        "pending_dropped",
+        "handshake_timeout",
+        "headers_too_large",
+        "not_websocket",
+        "rate_limited",
+        "origin_denied",
+        "token_missing",
+        "token_invalid",
+        "ip_cap",
+        "global_cap",
+        "backend_unreachable",
+        "backend_timeout",
+        "bad_request",
+        "tls_failed",
+    ] {
+        assert_eq!(m.get("wsgate_handshakes_total", &[("result", result)]), Some(0.0), "{result}");
+    }
+    for result in ["ok", "refused"] {
+        assert_eq!(m.get("wsgate_config_reloads_total", &[("result", result)]), Some(0.0), "{result}");
+    }
 
     // A rejection: Origin not on the list.
     let err = connect(&proxy, &pki).header("Origin", "https://evil.example.net").go().await.unwrap_err();
@@ -220,6 +261,41 @@ async fn metrics_follow_sessions_rejections_and_closes() {
     })
     .await;
     assert_eq!(m.get("wsgate_sessions_active", &[]), Some(0.0));
+}
+
+#[tokio::test]
+async fn traffic_counters_move_during_a_long_session() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    // Sessions publish their counters on each keepalive tick, not only when they end.
+    let proxy = Proxy::start(&pki, &config(backend.addr, "ping_interval = \"1s\""));
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    echo(&mut ws, "live traffic").await;
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        // Keep reading, so that the client answers the proxy's pings.
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), ws.next()).await {
+            assert!(matches!(m, Ok(Message::Ping(_))), "{m:?}");
+        }
+        let m = Scrape::of(&proxy).await;
+        if m.get("wsgate_messages_total", &[("direction", "client_to_backend")]) == Some(1.0)
+            && m.get("wsgate_bytes_total", &[("direction", "backend_to_client")]) == Some(12.0)
+        {
+            assert_eq!(m.get("wsgate_sessions_active", &[]), Some(1.0));
+            break;
+        }
+        assert!(Instant::now() < end, "traffic of the open session not in the metrics:\n{}", proxy.metrics().await);
+    }
+    // The session goes on (the client answers the pings) and its end does not count twice.
+    echo(&mut ws, "more").await;
+    ws.send(close_frame(1000, "")).await.unwrap();
+    assert_eq!(closed_with(&mut ws).await, Some(1000));
+    wait_metrics(&proxy, "the totals after the end", |m| {
+        m.get("wsgate_sessions_active", &[]) == Some(0.0)
+            && m.get("wsgate_messages_total", &[("direction", "client_to_backend")]) == Some(2.0)
+            && m.get("wsgate_bytes_total", &[("direction", "backend_to_client")]) == Some(16.0)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -379,7 +455,15 @@ async fn certificate_swapped_on_disk_is_served_after_reload() {
     assert_eq!(served_serial(&proxy, &pki).await, vec![1, 2, 3, 4]);
     let (mut open, _) = connect(&proxy, &pki).go().await.unwrap();
 
+    // Half a renewal (new certificate, old key still on disk): refused, the old pair stays.
+    let old_key = std::fs::read(&pki.key_path).unwrap();
     pki.issue(&[9, 9, 9]);
+    let new_key = std::fs::read(&pki.key_path).unwrap();
+    std::fs::write(&pki.key_path, &old_key).unwrap();
+    reload(&proxy, "refused").await;
+    assert!(events(&proxy, "reload").last().unwrap()["error"].as_str().unwrap().contains("do not match"));
+    assert_eq!(served_serial(&proxy, &pki).await, vec![1, 2, 3, 4]);
+    std::fs::write(&pki.key_path, &new_key).unwrap();
     // Not before the reload: no file watching surprises.
     assert_eq!(served_serial(&proxy, &pki).await, vec![1, 2, 3, 4]);
     reload(&proxy, "ok").await;
@@ -406,27 +490,66 @@ async fn notify_socket_gets_ready_reloading_and_stopping() {
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let recv = || {
+    let recv = |proxy: &mut Proxy| {
         let mut buf = [0u8; 4096];
-        let n = sock.recv(&mut buf).expect("no notification within 5 s");
-        String::from_utf8_lossy(&buf[..n]).to_string()
+        match sock.recv(&mut buf) {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).to_string(),
+            Err(e) => panic!("no notification ({e}); wsgate {:?}; logs:\n{}", proxy.child.try_wait(), proxy.log_text()),
+        }
     };
     let lines = |msg: &str| msg.lines().map(str::to_string).collect::<Vec<_>>();
 
     let mut proxy =
         Proxy::start_with_env(&pki, &config(backend.addr, ""), &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
-    assert!(lines(&recv()).contains(&"READY=1".to_string()));
+    assert!(lines(&recv(&mut proxy)).contains(&"READY=1".to_string()));
 
     proxy.signal("HUP");
-    let reloading = lines(&recv());
+    let reloading = lines(&recv(&mut proxy));
     assert!(reloading.contains(&"RELOADING=1".to_string()), "{reloading:?}");
     // systemd >= 253 wants the reload's start time with it.
     assert!(reloading.iter().any(|l| l.starts_with("MONOTONIC_USEC=")), "{reloading:?}");
-    assert!(lines(&recv()).contains(&"READY=1".to_string()));
+    assert!(lines(&recv(&mut proxy)).contains(&"READY=1".to_string()));
 
     proxy.signal("TERM");
-    assert!(lines(&recv()).contains(&"STOPPING=1".to_string()));
+    assert!(lines(&recv(&mut proxy)).contains(&"STOPPING=1".to_string()));
     assert_eq!(wait_exit(&mut proxy, Duration::from_secs(5)).await.0.code(), Some(0));
+}
+
+#[tokio::test]
+async fn sighup_right_after_ready_is_a_reload_not_the_end() {
+    use std::os::unix::net::UnixDatagram;
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let cfg = fill(&config(backend.addr, ""), &pki, Path::new("/dev/null")).replace(
+        "secret_file = \"/dev/null\"",
+        &format!("secret_file = {:?}", pki.dir.path().join("secret").display().to_string()),
+    );
+    std::fs::write(pki.dir.path().join("secret"), SECRET).unwrap();
+    let config_path = pki.dir.path().join("wsgate.toml");
+    std::fs::write(&config_path, cfg).unwrap();
+    // What systemd does: ExecReload (SIGHUP) as soon as the service is up (READY=1).
+    for round in 0..5 {
+        let sock_path = pki.dir.path().join(format!("notify{round}.sock"));
+        let sock = UnixDatagram::bind(&sock_path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).expect("no READY=1");
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+        let pid = child.id().to_string();
+        assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+        let n = sock.recv(&mut buf).unwrap_or_else(|_| panic!("round {round}: no RELOADING=1; {:?}", child.try_wait()));
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("RELOADING=1"));
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert_eq!(child.wait().unwrap().code(), Some(0), "round {round}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -694,7 +817,7 @@ async fn sighup_applies_a_new_log_level() {
     let proxy = Proxy::start(&pki, &config(backend.addr, ""));
     let refuse = || connect(&proxy, &pki).header("Origin", "https://evil.example.net").go();
     assert_eq!(refuse().await.unwrap_err().status(), 403);
-    assert_eq!(events(&proxy, "rejected").len(), 1);
+    assert_eq!(wait_events(&proxy, "rejected", 1).await.len(), 1);
 
     // info -> warn: rejections (info) are no longer logged. The new level applies to the
     // reload's own (info) line too, so wait for the metric instead.
@@ -709,6 +832,5 @@ async fn sighup_applies_a_new_log_level() {
     edit_config(&proxy, "level = \"warn\"", "level = \"info\"");
     reload(&proxy, "ok").await; // logged: the level is info again
     assert_eq!(refuse().await.unwrap_err().status(), 403);
-    assert!(proxy.wait_log("origin_denied", Duration::from_secs(2)).await);
-    assert_eq!(events(&proxy, "rejected").len(), 2);
+    assert_eq!(wait_events(&proxy, "rejected", 2).await.len(), 2);
 }
