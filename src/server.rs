@@ -32,9 +32,19 @@ pub async fn serve(shared: Arc<Shared>, listeners: Vec<TcpListener>) {
     for l in listeners {
         loops.push(tokio::spawn(accept_loop(shared.clone(), l, drops.clone())));
     }
+    let d = drops.clone();
+    let flusher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(pending_log::FLUSH_EVERY);
+        loop {
+            tick.tick().await;
+            d.flush(false);
+        }
+    });
     for l in loops {
         let _ = l.await;
     }
+    flusher.abort();
+    drops.flush(true);
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, drops: Arc<pending_log::DropLog>) {

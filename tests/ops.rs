@@ -645,6 +645,31 @@ async fn tokens_never_reach_the_log_and_session_end_has_top_level_fields() {
 }
 
 #[tokio::test]
+async fn connections_dropped_at_accept_are_summarised_with_their_count() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let cfg =
+        config(backend.addr, "").replace("max_pending_handshakes_per_ip = 500", "max_pending_handshakes_per_ip = 1");
+    let mut proxy = Proxy::start(&pki, &cfg);
+    let _pending = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut flood = Vec::new();
+    for _ in 0..20 {
+        flood.push(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    wait_metrics(&proxy, "20 drops", |m| m.count("wsgate_handshakes_total", &[("result", "pending_dropped")]) == 20.0)
+        .await;
+    proxy.signal("TERM");
+    assert_eq!(wait_exit(&mut proxy, Duration::from_secs(5)).await.0.code(), Some(0));
+    // Not one line per drop, and the lines account for every drop (none left untold at exit).
+    let lines = events(&proxy, "pending_dropped");
+    assert!(!lines.is_empty() && lines.len() <= 2, "{lines:?}");
+    assert!(lines.iter().all(|l| l["client_ip"] == "127.0.0.1" && l["level"] == "WARN"), "{lines:?}");
+    let total: u64 = lines.iter().map(|l| l["dropped"].as_u64().unwrap()).sum();
+    assert_eq!(total, 20, "{lines:?}");
+}
+
+#[tokio::test]
 async fn json_format_means_every_stdout_and_stderr_line_is_json() {
     let pki = Pki::new();
     let backend = Backend::start(Mode::Echo).await;
