@@ -211,12 +211,14 @@ async fn connection(
             Ok(Ok(Some(src))) => peer_ip = src.ip().to_canonical(),
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
-                tracing::info!(event = "rejected", client_ip = %peer_ip, reason = "bad_proxy_header", error = %e);
+                // `reason` is the metric's label; status 0: closed without an HTTP answer.
+                tracing::info!(event = "rejected", client_ip = %peer_ip, reason = "bad_request", status = 0, error = %e);
                 shared.metrics.handshake("bad_request");
                 return;
             }
             Err(_) => {
                 shared.metrics.handshake("handshake_timeout");
+                tracing::info!(event = "rejected", client_ip = %peer_ip, reason = "handshake_timeout", status = 0);
                 return;
             }
         }
@@ -235,7 +237,7 @@ async fn connection(
         }
         Err(_) => {
             shared.metrics.handshake("handshake_timeout");
-            tracing::info!(event = "rejected", client_ip = %peer_ip, reason = "handshake_timeout");
+            tracing::info!(event = "rejected", client_ip = %peer_ip, reason = "handshake_timeout", status = 0);
             return;
         }
     };

@@ -559,8 +559,8 @@ async fn sighup_right_after_ready_is_a_reload_not_the_end() {
 async fn tokens_never_reach_the_log_and_session_end_has_top_level_fields() {
     let pki = Pki::new();
     let backend = Backend::start(Mode::Echo).await;
-    // debug: what an operator turns on when something goes wrong must not leak either.
-    let cfg = config(backend.addr, "").replace("level = \"info\"", "level = \"debug\"");
+    // trace: what an operator turns on when something goes wrong must not leak either.
+    let cfg = config(backend.addr, "").replace("level = \"info\"", "level = \"trace\"");
     let mut proxy = Proxy::start(&pki, &cfg);
 
     let (hdr, query, cookie, proto) = (token("hdr", 600), token("qry", 600), token("cky", 600), token("pro", 600));
@@ -642,6 +642,38 @@ async fn tokens_never_reach_the_log_and_session_end_has_top_level_fields() {
     subs.sort();
     assert_eq!(subs, ["cky", "hdr", "pro", "qry"]);
     assert!(ends[1..].iter().all(|e| e["close_code"] == 1001 && e["initiator"] == "proxy" && e["msgs_in"] == 1));
+}
+
+#[tokio::test]
+async fn every_refusal_is_logged_with_the_metric_reason_and_a_status() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let cfg = config(backend.addr, "[trusted_proxies]\ncidrs = [\"127.0.0.2/32\"]\nproxy_protocol = true")
+        .replace("handshake_timeout = \"3s\"", "handshake_timeout = \"1s\"");
+    let proxy = Proxy::start(&pki, &cfg);
+    // A trusted balancer sending garbage instead of a PROXY header.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut s = sock.connect(proxy.addr).await.unwrap();
+    s.write_all(b"HELLO THERE\r\n\r\n").await.unwrap();
+    // A TCP connection that never starts TLS (times out), a 426, a 401.
+    let _silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut plain = raw_tls(&proxy, &pki).await;
+    plain.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    assert_eq!(connect(&proxy, &pki).without("Authorization").go().await.unwrap_err().status(), 401);
+
+    let rejected = wait_events(&proxy, "rejected", 4).await;
+    let m = Scrape::of(&proxy).await;
+    let mut reasons: Vec<_> = rejected.iter().map(|r| r["reason"].as_str().unwrap().to_string()).collect();
+    reasons.sort();
+    assert_eq!(reasons, ["bad_request", "handshake_timeout", "not_websocket", "token_missing"], "{rejected:?}");
+    for r in &rejected {
+        let reason = r["reason"].as_str().unwrap();
+        assert!(r["client_ip"].is_string(), "{r}");
+        assert!(r["status"].is_u64(), "no status: {r}");
+        assert_eq!(m.count("wsgate_handshakes_total", &[("result", reason)]), 1.0, "{reason}");
+    }
 }
 
 #[tokio::test]
