@@ -5,10 +5,13 @@ medians per target, with ratios against nginx.
 usage: aggregate.py results.jsonl [machine.txt]
 
 A run with errors is left out of the medians (and counted in the errors row),
-so a broken target cannot pass for a fast one.
+so a broken target cannot pass for a fast one. A run during which other work
+on the machine used more than OTHER_MAX cores (`other_cpu_util`, default 0.15)
+is left out too when a clean run of the same target and workload exists.
 """
 
 import json
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -66,6 +69,17 @@ def main():
             good[(t, w)].append(r)
     cols = [t for t in TARGET_ORDER if t in targets] + sorted(targets - set(TARGET_ORDER))
 
+    other_max = float(os.environ.get("OTHER_MAX", "0.15"))
+    excluded = defaultdict(int)  # disturbed runs left out (a clean one exists)
+    kept = defaultdict(int)  # disturbed runs used (no clean one)
+    for key, rs in list(good.items()):
+        clean = [r for r in rs if r.get("other_cpu_util", 0) <= other_max]
+        if clean:
+            excluded[key[0]] += len(rs) - len(clean)
+            good[key] = clean
+        else:
+            kept[key[0]] += len(rs)
+
     def median(t, w, field):
         vals = [r[field] for r in good.get((t, w), []) if isinstance(r.get(field), (int, float))]
         return statistics.median(vals) if vals else None
@@ -100,6 +114,10 @@ def main():
         err_cells.append(f"{e} / {runs_per[t]}")
     err_cells += [""] * len(ratio_cols)
     print("| " + " | ".join(err_cells) + " |")
+    if any(excluded.values()) or any(kept.values()):
+        dist_cells = [f"disturbed runs (other work > {other_max} core): left out / used"]
+        dist_cells += [f"{excluded[t]} / {kept[t]}" for t in cols] + [""] * len(ratio_cols)
+        print("| " + " | ".join(dist_cells) + " |")
 
     if first_error:
         print()

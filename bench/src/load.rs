@@ -51,10 +51,12 @@ impl Probe {
         Probe { pids, backend }
     }
 
-    /// CPU seconds of the backend (and of this generator), for utilisation.
-    fn load_cpu(&self) -> (Option<f64>, Option<f64>) {
-        let b = if self.backend.is_empty() { None } else { procstat::cpu_seconds(&self.backend).ok() };
-        (self_cpu(), b)
+    /// CPU seconds of this generator, the backend, the proxy and the whole
+    /// machine, for utilisation and for spotting runs disturbed by other work.
+    fn load_cpu(&self) -> LoadCpu {
+        let backend = if self.backend.is_empty() { None } else { procstat::cpu_seconds(&self.backend).ok() };
+        let proxy = if self.pids.is_empty() { None } else { procstat::cpu_seconds(&self.pids).ok() };
+        LoadCpu { gen: self_cpu(), backend, proxy, machine: procstat::machine_busy_seconds().ok() }
     }
 
     pub fn active(&self) -> bool {
@@ -118,23 +120,43 @@ fn self_cpu() -> Option<f64> {
     procstat::cpu_seconds(&[std::process::id()]).ok()
 }
 
-type LoadCpu = (Option<f64>, Option<f64>);
+#[derive(Clone, Copy)]
+struct LoadCpu {
+    gen: Option<f64>,
+    backend: Option<f64>,
+    proxy: Option<f64>,
+    machine: Option<f64>,
+}
+
+fn delta(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    Some((b? - a?).max(0.0))
+}
 
 /// `gen_cpu_util` and `backend_cpu_util`: CPU time ÷ wall time of the
 /// generator and of the backend (1.0 = one full core; when they share a core
 /// and add up to about 1.0, the load side is the bottleneck).
+/// `other_cpu_util`: everything else the machine ran meanwhile (in cores); a
+/// run with a compiler beside it shows up here.
 fn put_gen_cpu(r: &mut Report, c0: Option<LoadCpu>, c1: LoadCpu, wall: Option<f64>) {
-    let (Some((g0, b0)), Some(w)) = (c0, wall) else {
+    let (Some(c0), Some(w)) = (c0, wall) else {
         return;
     };
     if w <= 0.0 {
         return;
     }
-    if let (Some(a), Some(b)) = (g0, c1.0) {
-        r.set("gen_cpu_util", round3((b - a).max(0.0) / w));
+    let g = delta(c0.gen, c1.gen);
+    let b = delta(c0.backend, c1.backend);
+    let p = delta(c0.proxy, c1.proxy);
+    if let Some(g) = g {
+        r.set("gen_cpu_util", round3(g / w));
     }
-    if let (Some(a), Some(b)) = (b0, c1.1) {
-        r.set("backend_cpu_util", round3((b - a).max(0.0) / w));
+    if let Some(b) = b {
+        r.set("backend_cpu_util", round3(b / w));
+    }
+    // Below a second, clock-tick rounding (10 ms per counter) would swamp it.
+    if let (Some(m), Some(g), true) = (delta(c0.machine, c1.machine), g, w >= 1.0) {
+        let other = m - g - b.unwrap_or(0.0) - p.unwrap_or(0.0);
+        r.set("other_cpu_util", round3(other.max(0.0) / w));
     }
 }
 

@@ -32,9 +32,7 @@ pub fn rss_kib(pids: &[u32]) -> Result<u64, BoxError> {
 
 /// Sum of user+system CPU time over `pids`, in seconds.
 pub fn cpu_seconds(pids: &[u32]) -> Result<f64, BoxError> {
-    // SAFETY: sysconf has no preconditions.
-    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let tck = if tck > 0 { tck as f64 } else { 100.0 };
+    let tck = clk_tck();
     let mut ticks: u64 = 0;
     for pid in pids {
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
@@ -48,6 +46,27 @@ pub fn cpu_seconds(pids: &[u32]) -> Result<f64, BoxError> {
         ticks += utime + stime;
     }
     Ok(ticks as f64 / tck)
+}
+
+/// Busy CPU time of the whole machine (all CPUs), in seconds, from the first
+/// line of /proc/stat: everything but idle and iowait.
+pub fn machine_busy_seconds() -> Result<f64, BoxError> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().ok_or("empty /proc/stat")?;
+    let f: Vec<u64> = line.split_whitespace().skip(1).map(|v| v.parse().unwrap_or(0)).collect();
+    // user nice system idle iowait irq softirq steal (guest is inside user).
+    let busy: u64 = f.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    Ok(busy as f64 / clk_tck())
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if tck > 0 {
+        tck as f64
+    } else {
+        100.0
+    }
 }
 
 /// Raises RLIMIT_NOFILE to its hard limit; returns the new soft limit.
@@ -77,6 +96,7 @@ mod tests {
         let me = [std::process::id()];
         assert!(rss_kib(&me).unwrap() > 0);
         assert!(cpu_seconds(&me).unwrap() >= 0.0);
+        assert!(machine_busy_seconds().unwrap() > 0.0);
         assert_eq!(parse_pids("1, 2,").unwrap(), vec![1, 2]);
     }
 }
