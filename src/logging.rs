@@ -26,6 +26,7 @@ pub fn init(format: LogFormat, level: &str) {
             let handle = b.reload_handle();
             if b.try_init().is_ok() {
                 remember(handle);
+                json_panics();
             }
         }
         LogFormat::Text => {
@@ -36,6 +37,22 @@ pub fn init(format: LogFormat, level: &str) {
             }
         }
     }
+}
+
+/// With `format = "json"` every stderr line is JSON too: a panic is reported as an error event
+/// (message, location, thread) instead of the default hook's plain text.
+fn json_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let msg = match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+            (Some(s), _) => s,
+            (_, Some(s)) => s.as_str(),
+            _ => "panic",
+        };
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let thread = std::thread::current();
+        tracing::error!(event = "panic", location, thread = thread.name().unwrap_or(""), "{msg}");
+    }));
 }
 
 /// Applies a new level or filter (`log.level`) to the installed subscriber; a no-op when
