@@ -177,6 +177,35 @@ use rustls_pki_types::pem::PemObject;
 // /metrics, /healthz, /readyz
 
 #[tokio::test]
+async fn backend_close_is_counted_and_logged_as_the_backend_s() {
+    let pki = Pki::new();
+    // A backend that closes with 4002 "kicked" after the first message.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let _ = ws.next().await;
+        ws.send(close_frame(4002, "kicked")).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    });
+    let proxy = Proxy::start(&pki, &config(addr, ""));
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    ws.send(Message::Text("hello".into())).await.unwrap();
+    assert_eq!(closed_with(&mut ws).await, Some(4002));
+    wait_metrics(&proxy, "the backend's close", |m| {
+        m.count("wsgate_closes_total", &[("code", "4002"), ("initiator", "backend")]) == 1.0
+            && m.get("wsgate_sessions_active", &[]) == Some(0.0)
+    })
+    .await;
+    let end = wait_events(&proxy, "session_end", 1).await;
+    assert_eq!(end[0]["close_code"], 4002);
+    assert_eq!(end[0]["initiator"], "backend");
+    assert_eq!(end[0]["msgs_in"], 1);
+    assert_eq!(end[0]["bytes_in"], 5);
+}
+
+#[tokio::test]
 async fn metrics_follow_sessions_rejections_and_closes() {
     let pki = Pki::new();
     let backend = Backend::start(Mode::Echo).await;
@@ -761,13 +790,14 @@ fn example_config(pki: &Pki, edit: impl Fn(String) -> String) -> (tempfile::Temp
     (dir, path)
 }
 
+/// Runs `wsgate check`; `secret` "" leaves WSGATE_JWT_SECRET unset.
 fn check(path: &Path, secret: &str) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args(["check", "--config"])
-        .arg(path)
-        .env("WSGATE_JWT_SECRET", secret)
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+    cmd.args(["check", "--config"]).arg(path).env_remove("WSGATE_JWT_SECRET");
+    if !secret.is_empty() {
+        cmd.env("WSGATE_JWT_SECRET", secret);
+    }
+    let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     (out.status.code().expect("killed by a signal"), stdout, stderr)
@@ -825,6 +855,7 @@ fn check_refuses_broken_configs_naming_the_key() {
         ),
         ("missing auth.mode", Box::new(|t| t.replacen("mode = \"jwt\"\n", "", 1)), SECRET, &["auth.mode"]),
         ("short HMAC secret", Box::new(|t| t), "too-short", &["auth.secret_env", "32"]),
+        ("HMAC secret variable unset", Box::new(|t| t), "", &["auth.secret_env", "WSGATE_JWT_SECRET"]),
     ];
     for (what, edit, secret, needles) in cases {
         let (_dir, path) = example_config(&pki, &edit);
