@@ -177,6 +177,20 @@ use rustls_pki_types::pem::PemObject;
 // /metrics, /healthz, /readyz
 
 #[tokio::test]
+async fn backend_connect_errors_are_counted() {
+    let pki = Pki::new();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let proxy = Proxy::start(&pki, &config(dead, ""));
+    assert_eq!(connect(&proxy, &pki).go().await.unwrap_err().status(), 502);
+    let m = Scrape::of(&proxy).await;
+    assert_eq!(m.count("wsgate_handshakes_total", &[("result", "backend_unreachable")]), 1.0);
+    assert_eq!(m.count("wsgate_backend_connect_errors_total", &[("result", "backend_unreachable")]), 1.0);
+    assert_eq!(m.count("wsgate_backend_connect_errors_total", &[("result", "backend_timeout")]), 0.0);
+    let r = wait_events(&proxy, "rejected", 1).await;
+    assert_eq!((r[0]["reason"].as_str(), r[0]["status"].as_u64()), (Some("backend_unreachable"), Some(502)));
+}
+
+#[tokio::test]
 async fn backend_close_is_counted_and_logged_as_the_backend_s() {
     let pki = Pki::new();
     // A backend that closes with 4002 "kicked" after the first message.
