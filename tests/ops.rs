@@ -491,6 +491,31 @@ async fn sighup_with_broken_file_keeps_old_config() {
 }
 
 #[tokio::test]
+async fn sighup_rereads_the_jwt_secret_file() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let (mut open, _) = connect(&proxy, &pki).go().await.unwrap();
+    // Key rotation: a new secret in the same file.
+    let new_secret = "a-brand-new-secret-of-more-than-32-bytes";
+    std::fs::write(proxy.config_path.parent().unwrap().join("secret"), new_secret).unwrap();
+    reload(&proxy, "ok").await;
+    let now = now_unix() as i64;
+    let new_token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": "rotated", "iat": now, "exp": now + 600}),
+        &jsonwebtoken::EncodingKey::from_secret(new_secret.as_bytes()),
+    )
+    .unwrap();
+    let old = connect(&proxy, &pki).go().await.unwrap_err();
+    assert_eq!(old.status(), 401, "a token signed with the old secret is still accepted");
+    let (mut ws, _) = connect(&proxy, &pki).header("Authorization", &format!("Bearer {new_token}")).go().await.unwrap();
+    echo(&mut ws, "rotated").await;
+    // The session admitted under the old secret goes on.
+    echo(&mut open, "still open").await;
+}
+
+#[tokio::test]
 async fn certificate_swapped_on_disk_is_served_after_reload() {
     let mut pki = Pki::new();
     let backend = Backend::start(Mode::Echo).await;
