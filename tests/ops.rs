@@ -588,13 +588,10 @@ async fn sighup_right_after_ready_is_a_reload_not_the_end() {
     use std::os::unix::net::UnixDatagram;
     let pki = Pki::new();
     let backend = Backend::start(Mode::Echo).await;
-    let cfg = fill(&config(backend.addr, ""), &pki, Path::new("/dev/null")).replace(
-        "secret_file = \"/dev/null\"",
-        &format!("secret_file = {:?}", pki.dir.path().join("secret").display().to_string()),
-    );
-    std::fs::write(pki.dir.path().join("secret"), SECRET).unwrap();
+    let secret = pki.dir.path().join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
     let config_path = pki.dir.path().join("wsgate.toml");
-    std::fs::write(&config_path, cfg).unwrap();
+    std::fs::write(&config_path, fill(&config(backend.addr, ""), &pki, &secret)).unwrap();
     // What systemd does: ExecReload (SIGHUP) as soon as the service is up (READY=1).
     for round in 0..5 {
         let sock_path = pki.dir.path().join(format!("notify{round}.sock"));
