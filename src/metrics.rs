@@ -10,8 +10,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// Every `result` of `wsgate_handshakes_total` (DESIGN.md, Operations and fine print).
-pub const HANDSHAKE_RESULTS: [&str; 15] = [
+/// Every `result` of `wsgate_handshakes_total` (DESIGN.md, Operations and fine print; plus
+/// `draining`: an upgrade in flight when the drain started, answered 503).
+pub const HANDSHAKE_RESULTS: [&str; 16] = [
     "accepted",
     "pending_dropped",
     "handshake_timeout",
@@ -27,6 +28,7 @@ pub const HANDSHAKE_RESULTS: [&str; 15] = [
     "backend_timeout",
     "bad_request",
     "tls_failed",
+    "draining",
 ];
 
 /// `result` label of handshakes and reloads.

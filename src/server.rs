@@ -303,7 +303,8 @@ async fn connection(
         }
     };
     if shared.shutdown.is_cancelled() {
-        let r = Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "global_cap");
+        // Not `global_cap`: a deploy must not look like the session cap being hit.
+        let r = Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "draining");
         return reject(&shared, &mut tls, client_ip, start, r).await;
     }
 

@@ -254,6 +254,7 @@ async fn metrics_follow_sessions_rejections_and_closes() {
         "backend_timeout",
         "bad_request",
         "tls_failed",
+        "draining",
     ] {
         assert_eq!(m.get("wsgate_handshakes_total", &[("result", result)]), Some(0.0), "{result}");
     }
@@ -399,6 +400,36 @@ async fn sigterm_closes_sessions_with_1001_and_exits_0_at_once() {
     assert_eq!(ends.len(), 2);
     assert!(ends.iter().all(|e| e["close_code"] == 1001 && e["initiator"] == "proxy"), "{ends:?}");
     assert_eq!(events(&proxy, "stopped").len(), 1);
+}
+
+#[tokio::test]
+async fn upgrade_in_flight_at_sigterm_gets_503_counted_as_draining() {
+    let pki = Pki::new();
+    // A backend that takes 700 ms to answer its handshake.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                if let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await {
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            });
+        }
+    });
+    let mut proxy = Proxy::start(&pki, &config(addr, ""));
+    let attempt = connect(&proxy, &pki).go();
+    let term = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.signal("TERM");
+    };
+    let (result, ()) = tokio::join!(attempt, term);
+    assert_eq!(result.unwrap_err().status(), 503);
+    let r = wait_events(&proxy, "rejected", 1).await;
+    assert_eq!(r[0]["reason"], "draining", "{r:?}");
+    assert_eq!(r[0]["status"], 503);
+    assert_eq!(wait_exit(&mut proxy, Duration::from_secs(5)).await.0.code(), Some(0));
 }
 
 #[tokio::test]
