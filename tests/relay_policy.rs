@@ -647,3 +647,23 @@ async fn client_sends_stall_when_the_backend_does_not_read() {
     drop(s);
     let _ = tokio::time::timeout(Duration::from_secs(8), rx.recv()).await;
 }
+
+#[tokio::test]
+async fn stalled_client_is_closed_by_the_keepalive() {
+    let pki = Pki::new();
+    let (addr, _rx) = custom_backend(|mut ws| async move {
+        let chunk = vec![0x5au8; 64 * 1024];
+        while let Ok(Ok(())) =
+            tokio::time::timeout(Duration::from_secs(10), ws.send(Message::Binary(chunk.clone().into()))).await
+        {
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&pki, &config(addr, "idle_timeout = \"30s\"\nping_interval = \"500ms\""));
+    let s = raw_upgrade(&proxy, &pki).await; // never read: its ping is stuck behind the data
+                                             // Ping at 0.5 s, no pong by 1 s: 1001 queued (undeliverable), sockets dropped after the
+                                             // 5 s close timeout.
+    assert!(proxy.wait_log("\"reason\":\"ping timeout\"", Duration::from_secs(9)).await, "{}", proxy.log_text());
+    assert_proxy_close(&proxy, 1001, "ping timeout").await;
+    drop(s);
+}
