@@ -219,6 +219,8 @@ async fn message_flood_with_close_gets_1008_at_the_configured_rate() {
     assert!((15..=25).contains(&n), "backend got {n} messages (expected ~20)");
     assert_eq!(backend_close(&seen), Some(1001));
     assert_proxy_close(&proxy, 1008, "rate limit exceeded").await;
+    // Counted under "close" too (DESIGN.md fine print): the one refused message.
+    assert_eq!(metric(&proxy.metrics().await, "wsgate_rate_limited_messages_total"), 1.0);
 }
 
 #[tokio::test]
