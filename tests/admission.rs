@@ -1,0 +1,881 @@
+//! Admission at the handshake (issue 3), end to end through the real binary: every row of
+//! DESIGN.md's Admission table with its status and headers, token sources and scrubbing,
+//! claim forwarding, client IP behind trusted proxies (header and PROXY protocol), per-IP
+//! caps and rates from several 127.0.0.x sources, the pending-handshake guard, slowloris,
+//! address spraying, log hygiene and the `wsgate token` command.
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Sets `key = value` in the config text: replaces the line that sets it, or adds it under
+/// `[section]`.
+fn set(cfg: &str, section: &str, key: &str, value: &str) -> String {
+    let prefix = format!("{key} = ");
+    if cfg.lines().any(|l| l.starts_with(&prefix)) {
+        cfg.lines()
+            .map(|l| if l.starts_with(&prefix) { format!("{key} = {value}") } else { l.to_string() })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    } else {
+        let header = format!("[{section}]\n");
+        assert!(cfg.contains(&header), "no [{section}] in config");
+        cfg.replacen(&header, &format!("{header}{key} = {value}\n"), 1)
+    }
+}
+
+/// A TCP connection to the proxy from a given loopback source address.
+async fn tcp_from(proxy: &Proxy, source: &str) -> std::io::Result<TcpStream> {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
+    s.connect(proxy.addr).await
+}
+
+async fn tls_over(tcp: TcpStream, pki: &Pki) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let conn = tokio_rustls::TlsConnector::from(pki.client_config());
+    conn.connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp).await
+}
+
+/// Sends raw request bytes over TLS from `source` and returns the whole response text.
+async fn raw_request(proxy: &Proxy, pki: &Pki, source: &str, req: &[u8]) -> String {
+    let mut s = tls_over(tcp_from(proxy, source).await.unwrap(), pki).await.unwrap();
+    s.write_all(req).await.unwrap();
+    let mut out = Vec::new();
+    // The proxy may close without close_notify: whatever arrived counts.
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
+fn status_of(resp: &str) -> u16 {
+    resp.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+fn header_of(resp: &str, name: &str) -> Option<String> {
+    let head = resp.split("\r\n\r\n").next()?;
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
+}
+
+fn upgrade_request(extra: &str) -> String {
+    format!(
+        "GET /chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {ORIGIN}\r\n\
+         Authorization: Bearer {}\r\n{extra}\r\n",
+        token("raw", 600)
+    )
+}
+
+/// The value of one series of a metric on /metrics (0 when absent).
+fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn handshakes(proxy: &Proxy, result: &str) -> f64 {
+    metric(&proxy.metrics().await, "wsgate_handshakes_total", &format!("result=\"{result}\""))
+}
+
+fn rejections(proxy: &Proxy) -> Vec<serde_json::Value> {
+    proxy
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "rejected")
+        .collect()
+}
+
+async fn echo(ws: &mut Client, text: &str) {
+    ws.send(Message::Text(text.into())).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(got, Message::Text(text.into()));
+}
+
+fn hs_token(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+// ---------------------------------------------------------------- rows before the rate row
+
+#[tokio::test]
+async fn headers_over_16_kib_get_431_and_just_under_pass() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+
+    let big = format!("X-Padding: {}\r\n", "a".repeat(17 * 1024));
+    let resp = raw_request(&proxy, &pki, "127.0.0.1", upgrade_request(&big).as_bytes()).await;
+    assert_eq!(status_of(&resp), 431, "{resp}");
+
+    // Many small headers adding up to more than 16 KiB count too.
+    let many: String = (0..400).map(|i| format!("X-H{i}: {}\r\n", "b".repeat(40))).collect();
+    let resp = raw_request(&proxy, &pki, "127.0.0.1", upgrade_request(&many).as_bytes()).await;
+    assert_eq!(status_of(&resp), 431, "{resp}");
+
+    let fits = format!("X-Padding: {}\r\n", "a".repeat(14 * 1024));
+    let resp = raw_request(&proxy, &pki, "127.0.0.1", upgrade_request(&fits).as_bytes()).await;
+    assert_eq!(status_of(&resp), 101, "{resp}");
+    assert!(handshakes(&proxy, "headers_too_large").await >= 2.0);
+}
+
+#[tokio::test]
+async fn plain_request_gets_426_and_malformed_upgrades_get_400() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+
+    let resp = raw_request(&proxy, &pki, "127.0.0.1", b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
+    assert_eq!(status_of(&resp), 426, "{resp}");
+    assert_eq!(header_of(&resp, "upgrade").as_deref(), Some("websocket"), "{resp}");
+
+    let good = upgrade_request("");
+    let bad = [
+        good.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+        good.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Key: short"),
+        good.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"),
+        good.replace("Connection: Upgrade", "Connection: keep-alive"),
+        good.replacen("GET ", "POST ", 1),
+        good.replace("HTTP/1.1", "HTTP/1.0"),
+    ];
+    for req in &bad {
+        let resp = raw_request(&proxy, &pki, "127.0.0.1", req.as_bytes()).await;
+        assert_eq!(status_of(&resp), 400, "{req}\n=> {resp}");
+    }
+    // Garbage that is not HTTP at all.
+    let resp = raw_request(&proxy, &pki, "127.0.0.1", b"\x01\x02 nonsense\r\n\r\n").await;
+    assert_eq!(status_of(&resp), 400, "{resp}");
+    assert!(handshakes(&proxy, "not_websocket").await >= 1.0);
+    assert!(handshakes(&proxy, "bad_request").await >= bad.len() as f64);
+    assert!(backend_saw_nothing(backend).await);
+}
+
+async fn backend_saw_nothing(mut backend: Backend) -> bool {
+    tokio::time::timeout(Duration::from_millis(300), backend.sessions.recv()).await.is_err()
+}
+
+// ---------------------------------------------------------------- handshake rate
+
+#[tokio::test]
+async fn handshake_rate_is_per_ip_and_answers_429_with_retry_after() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let mut cfg = config(backend.addr, "");
+    cfg = set(&cfg, "limits", "handshakes_per_second_per_ip", "1");
+    cfg = set(&cfg, "limits", "handshake_burst_per_ip", "3");
+    let proxy = Proxy::start(&pki, &cfg);
+
+    // 426 and 400 answer before the rate row and cost nothing.
+    for _ in 0..5 {
+        let resp = raw_request(&proxy, &pki, "127.0.0.2", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(status_of(&resp), 426);
+    }
+    // Every upgrade attempt counts, good or bad: two bad tokens and one good use the burst.
+    let bad = connect(&proxy, &pki).header("Authorization", "Bearer not.a.token").from("127.0.0.2");
+    assert_eq!(bad.go().await.unwrap_err().status(), 401);
+    let missing = connect(&proxy, &pki).without("Authorization").from("127.0.0.2");
+    assert_eq!(missing.go().await.unwrap_err().status(), 401);
+    let (ws, _) = connect(&proxy, &pki).from("127.0.0.2").go().await.unwrap();
+    drop(ws);
+    // The fourth is over the bucket: 429 with Retry-After, even with a valid token, and even
+    // with a bad Origin (the rate row comes first).
+    let e = connect(&proxy, &pki).from("127.0.0.2").go().await.unwrap_err();
+    assert_eq!(e.status(), 429);
+    let retry: u64 = e.header("retry-after").expect("Retry-After").parse().unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    let e = connect(&proxy, &pki).header("Origin", "https://evil.example.net").from("127.0.0.2").go().await;
+    assert_eq!(e.unwrap_err().status(), 429);
+
+    // Other addresses have buckets of their own.
+    for src in ["127.0.0.3", "127.0.0.4"] {
+        let (mut ws, _) = connect(&proxy, &pki).from(src).go().await.unwrap();
+        echo(&mut ws, src).await;
+    }
+    // The bucket refills at the configured rate.
+    tokio::time::sleep(Duration::from_millis(1100 * retry)).await;
+    connect(&proxy, &pki).from("127.0.0.2").go().await.expect("refilled");
+    assert!(handshakes(&proxy, "rate_limited").await >= 2.0);
+}
+
+// ---------------------------------------------------------------- origin
+
+#[tokio::test]
+async fn origin_allowlist_exact_wildcard_null_and_missing() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    // Allowed: https://chat.example.com and https://*.example.org.
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let allowed = [
+        "https://chat.example.com",
+        "HTTPS://CHAT.Example.COM",
+        "https://chat.example.com:443",
+        "https://a.example.org",
+        "https://A-B.Example.Org:443",
+    ];
+    for o in allowed {
+        let r = connect(&proxy, &pki).header("Origin", o).go().await;
+        assert!(r.is_ok(), "{o} should be allowed: {r:?}");
+    }
+    let denied = [
+        "https://example.org",
+        "https://a.b.example.org",
+        "https://example.org.evil.com",
+        "https://evilexample.org",
+        "https://a.example.org.evil.com",
+        "http://chat.example.com",
+        "https://chat.example.com:8443",
+        "https://chat.example.com.evil.com",
+        "null",
+        "",
+        "chat.example.com",
+    ];
+    for o in denied {
+        let e = connect(&proxy, &pki).header("Origin", o).go().await.unwrap_err();
+        assert_eq!(e.status(), 403, "{o:?}");
+    }
+    let e = connect(&proxy, &pki).without("Origin").go().await.unwrap_err();
+    assert_eq!(e.status(), 403, "missing Origin");
+    assert!(handshakes(&proxy, "origin_denied").await >= denied.len() as f64 + 1.0);
+
+    // allow_missing lets clients without Origin in; it does not open the list.
+    let cfg = set(&config(backend.addr, ""), "origin", "allow_missing", "true");
+    let proxy = Proxy::start(&pki, &cfg);
+    connect(&proxy, &pki).without("Origin").go().await.expect("no Origin with allow_missing");
+    for o in ["null", "https://evil.example.net", "https://example.org"] {
+        let e = connect(&proxy, &pki).header("Origin", o).go().await.unwrap_err();
+        assert_eq!(e.status(), 403, "{o:?} with allow_missing");
+    }
+    // Origin is checked before the token: a bad Origin with no token is 403, not 401.
+    let e = connect(&proxy, &pki).header("Origin", "null").without("Authorization").go().await.unwrap_err();
+    assert_eq!(e.status(), 403);
+}
+
+// ---------------------------------------------------------------- 401
+
+#[tokio::test]
+async fn missing_token_is_bearer_and_invalid_token_is_invalid_token() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+
+    let missing = [
+        connect(&proxy, &pki).without("Authorization"),
+        connect(&proxy, &pki).header("Authorization", "Basic dXNlcjpwYXNz"),
+        connect(&proxy, &pki).header("Authorization", "Bearer"),
+        connect(&proxy, &pki).header("Authorization", "Bearer    "),
+        connect(&proxy, &pki).without("Authorization").path("/chat?access_token="),
+        connect(&proxy, &pki).without("Authorization").header("Cookie", "access_token=; theme=dark"),
+        connect(&proxy, &pki).without("Authorization").header("Sec-WebSocket-Protocol", "chat, access_token"),
+    ];
+    for (i, c) in missing.into_iter().enumerate() {
+        let e = c.go().await.unwrap_err();
+        assert_eq!(e.status(), 401, "case {i}");
+        assert_eq!(e.header("www-authenticate").as_deref(), Some("Bearer"), "case {i}");
+    }
+    for bad in ["garbage", "a.b.c", &format!("{}x", token("alice", 600))] {
+        let e = connect(&proxy, &pki).header("Authorization", &format!("Bearer {bad}")).go().await.unwrap_err();
+        assert_eq!(e.status(), 401, "{bad}");
+        assert_eq!(e.header("www-authenticate").as_deref(), Some("Bearer error=\"invalid_token\""), "{bad}");
+    }
+    assert!(handshakes(&proxy, "token_missing").await >= 7.0);
+    assert!(handshakes(&proxy, "token_invalid").await >= 3.0);
+    assert!(backend_saw_nothing(backend).await);
+}
+
+// ---------------------------------------------------------------- caps
+
+#[tokio::test]
+async fn per_ip_session_cap_is_429_per_address_and_released_on_close() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let cfg = set(&config(backend.addr, ""), "limits", "max_connections_per_ip", "2");
+    let proxy = Proxy::start(&pki, &cfg);
+
+    let (mut a1, _) = connect(&proxy, &pki).from("127.0.0.5").go().await.unwrap();
+    let (a2, _) = connect(&proxy, &pki).from("127.0.0.5").go().await.unwrap();
+    let e = connect(&proxy, &pki).from("127.0.0.5").go().await.unwrap_err();
+    assert_eq!(e.status(), 429);
+    assert_eq!(e.header("retry-after"), None, "the session cap is not the rate row");
+    // A different address is not affected.
+    let (b1, _) = connect(&proxy, &pki).from("127.0.0.6").go().await.unwrap();
+    let (b2, _) = connect(&proxy, &pki).from("127.0.0.6").go().await.unwrap();
+
+    // Closing a session (cleanly) gives its slot back; so does a client that just vanishes.
+    a1.send(close_frame(1000, "")).await.unwrap();
+    expect_close(&mut a1, Duration::from_secs(5)).await;
+    let (a3, _) = retry_connect(&proxy, &pki, "127.0.0.5").await;
+    drop(a2);
+    drop(a3);
+    let (_a4, _) = retry_connect(&proxy, &pki, "127.0.0.5").await;
+    let (_a5, _) = retry_connect(&proxy, &pki, "127.0.0.5").await;
+    drop((b1, b2));
+    assert!(handshakes(&proxy, "ip_cap").await >= 1.0);
+}
+
+/// Connects from `src`, retrying while the answer is a cap (slots are released when the proxy
+/// notices the close).
+async fn retry_connect(
+    proxy: &Proxy,
+    pki: &Pki,
+    src: &str,
+) -> (Client, tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>) {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        match connect(proxy, pki).from(src).go().await {
+            Ok(x) => return x,
+            Err(e) if Instant::now() < end && matches!(e.status(), 429 | 503) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{src}: {e:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn global_cap_is_503_and_released_on_close() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let cfg = set(&config(backend.addr, ""), "server", "max_connections", "2");
+    let proxy = Proxy::start(&pki, &cfg);
+
+    let (a, _) = connect(&proxy, &pki).from("127.0.0.7").go().await.unwrap();
+    let (_b, _) = connect(&proxy, &pki).from("127.0.0.8").go().await.unwrap();
+    let e = connect(&proxy, &pki).from("127.0.0.9").go().await.unwrap_err();
+    assert_eq!(e.status(), 503);
+    // The token is checked before the caps: a bad token at the cap is still a 401.
+    let e = connect(&proxy, &pki).header("Authorization", "Bearer x.y.z").from("127.0.0.9").go().await.unwrap_err();
+    assert_eq!(e.status(), 401);
+    drop(a);
+    let (mut c, _) = retry_connect(&proxy, &pki, "127.0.0.9").await;
+    echo(&mut c, "in").await;
+    assert!(handshakes(&proxy, "global_cap").await >= 1.0);
+}
+
+// ---------------------------------------------------------------- token sources
+
+#[tokio::test]
+async fn token_sources_are_scrubbed_from_what_the_backend_sees() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let t = token("alice", 600);
+
+    // Authorization: Bearer — removed.
+    let (mut ws, _) = connect(&proxy, &pki).path("/chat?room=1").go().await.unwrap();
+    echo(&mut ws, "h").await;
+    drop(ws);
+    let seen = backend.next_session().await;
+    assert_eq!(seen.path, "/chat?room=1");
+    assert_eq!(seen.header("authorization"), None);
+    assert_eq!(seen.header("x-auth-user").as_deref(), Some("alice"));
+
+    // Query parameter — removed from the path, other parameters kept in order.
+    let (mut ws, _) = connect(&proxy, &pki)
+        .without("Authorization")
+        .path(&format!("/chat?room=1&access_token={t}&lang=en"))
+        .go()
+        .await
+        .unwrap();
+    echo(&mut ws, "q").await;
+    drop(ws);
+    let seen = backend.next_session().await;
+    assert_eq!(seen.path, "/chat?room=1&lang=en");
+    assert!(!format!("{seen:?}").contains(&t));
+
+    // Cookie — the token cookie removed, the others pass.
+    let (mut ws, _) = connect(&proxy, &pki)
+        .without("Authorization")
+        .header("Cookie", &format!("theme=dark; access_token={t}; lang=en"))
+        .go()
+        .await
+        .unwrap();
+    echo(&mut ws, "c").await;
+    drop(ws);
+    let seen = backend.next_session().await;
+    assert_eq!(seen.header_all("cookie").join("; "), "theme=dark; lang=en");
+    assert!(!format!("{seen:?}").contains(&t));
+
+    // A Basic Authorization next to a token from another source passes untouched.
+    let (ws, _) = connect(&proxy, &pki)
+        .header("Authorization", "Basic dXNlcjpwYXNz")
+        .path(&format!("/chat?access_token={t}"))
+        .go()
+        .await
+        .unwrap();
+    drop(ws);
+    let seen = backend.next_session().await;
+    assert_eq!(seen.path, "/chat");
+    assert_eq!(seen.header("authorization").as_deref(), Some("Basic dXNlcjpwYXNz"));
+}
+
+#[tokio::test]
+async fn subprotocol_pair_anywhere_in_the_list() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let t = token("bob", 600);
+    let proto = |list: &str| connect(&proxy, &pki).without("Authorization").header("Sec-WebSocket-Protocol", list);
+    let chosen = |r: &tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>| {
+        r.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap().to_string())
+    };
+
+    // Backend picks one of the rest: the client gets the backend's choice.
+    *backend.protocol.lock().unwrap() = Some("chat".into());
+    for list in
+        [format!("access_token, {t}, chat"), format!("chat, access_token, {t}"), format!("v2, access_token, {t}, chat")]
+    {
+        let (mut ws, resp) = proto(&list).go().await.unwrap();
+        assert_eq!(chosen(&resp).as_deref(), Some("chat"), "{list}");
+        echo(&mut ws, "p").await;
+        drop(ws);
+        let seen = backend.next_session().await;
+        let offered = seen.header_all("sec-websocket-protocol").join(", ");
+        assert!(!offered.contains(&t) && !offered.contains("access_token"), "{offered}");
+        assert!(offered.contains("chat"), "{offered}");
+        assert_eq!(seen.header("x-auth-user").as_deref(), Some("bob"));
+    }
+
+    // Nothing else offered: the backend is offered nothing, the client gets access_token.
+    *backend.protocol.lock().unwrap() = None;
+    let (mut ws, resp) = proto(&format!("access_token, {t}")).go().await.unwrap();
+    assert_eq!(chosen(&resp).as_deref(), Some("access_token"));
+    echo(&mut ws, "only").await;
+    drop(ws);
+    let seen = backend.next_session().await;
+    assert_eq!(seen.header("sec-websocket-protocol"), None);
+
+    // Backend picks none of the remaining ones: access_token too.
+    let (_ws, resp) = proto(&format!("chat, access_token, {t}")).go().await.unwrap();
+    assert_eq!(chosen(&resp).as_deref(), Some("access_token"));
+
+    // A bad token in the pair is invalid, a lone `access_token` is missing.
+    let e = proto("chat, access_token, x.y.z").go().await.unwrap_err();
+    assert_eq!(e.header("www-authenticate").as_deref(), Some("Bearer error=\"invalid_token\""));
+    // Names are compared exactly (lower case).
+    let e = proto(&format!("Access_Token, {t}")).go().await.unwrap_err();
+    assert_eq!((e.status(), e.header("www-authenticate").as_deref()), (401, Some("Bearer")));
+}
+
+// ---------------------------------------------------------------- forwarded headers
+
+#[tokio::test]
+async fn claims_and_forwarding_headers_replace_client_copies() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    fn spoof(c: Connect<'_>) -> Connect<'_> {
+        c.header("X-Auth-User", "mallory")
+            .header("X-Forwarded-For", "6.6.6.6")
+            .header("X-Real-IP", "6.6.6.6")
+            .header("X-Forwarded-Proto", "http")
+            .from("127.0.0.11")
+    }
+
+    let (ws, _) = spoof(connect(&proxy, &pki)).go().await.unwrap();
+    drop(ws);
+    let seen = backend.next_session().await;
+    assert_eq!(seen.header_all("x-auth-user"), vec!["alice"]);
+    assert_eq!(seen.header_all("x-forwarded-for"), vec!["127.0.0.11"]);
+    assert_eq!(seen.header_all("x-real-ip"), vec!["127.0.0.11"]);
+    assert_eq!(seen.header_all("x-forwarded-proto"), vec!["https"]);
+
+    // A token without `sub`: admitted, no X-Auth-User at all (the client's copy removed).
+    let now = now_unix();
+    let nosub = hs_token(serde_json::json!({"iat": now, "exp": now + 600}));
+    let (ws, _) = spoof(connect(&proxy, &pki)).header("Authorization", &format!("Bearer {nosub}")).go().await.unwrap();
+    drop(ws);
+    let seen = backend.next_session().await;
+    assert_eq!(seen.header_all("x-auth-user"), Vec::<String>::new());
+    assert_eq!(seen.header_all("x-forwarded-for"), vec!["127.0.0.11"]);
+}
+
+// ---------------------------------------------------------------- trusted proxies
+
+#[tokio::test]
+async fn trusted_proxy_header_is_read_right_to_left_and_ignored_from_others() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let cfg = config(backend.addr, "[trusted_proxies]\ncidrs = [\"127.0.0.12/32\", \"10.0.0.0/8\"]\n");
+    let cfg = set(&cfg, "limits", "max_connections_per_ip", "1");
+    let proxy = Proxy::start(&pki, &cfg);
+
+    fn xff<'a>(c: Connect<'a>, v: &str) -> Connect<'a> {
+        c.header("X-Forwarded-For", v)
+    }
+    // Trusted peer: the right-most untrusted entry; the client's prepended entries ignored.
+    let (s1, _) = xff(connect(&proxy, &pki), "9.9.9.9, 203.0.113.5, 10.1.2.3").from("127.0.0.12").go().await.unwrap();
+    // Limits key on that client IP: a second session for 203.0.113.5 is over its cap, another
+    // client behind the same balancer is not.
+    let e = xff(connect(&proxy, &pki), "203.0.113.5").from("127.0.0.12").go().await.unwrap_err();
+    assert_eq!(e.status(), 429);
+    let (s2, _) = xff(connect(&proxy, &pki), "203.0.113.6:5555").from("127.0.0.12").go().await.unwrap();
+    drop(s1);
+    assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["203.0.113.5"]);
+    drop(s2);
+    let seen = backend.next_session().await;
+    assert_eq!(seen.header_all("x-forwarded-for"), vec!["203.0.113.6"]);
+    assert_eq!(seen.header_all("x-real-ip"), vec!["203.0.113.6"]);
+
+    // Untrusted peer: its header is ignored, the peer is the client.
+    let (s3, _) = xff(connect(&proxy, &pki), "203.0.113.5").from("127.0.0.13").go().await.unwrap();
+    drop(s3);
+    assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["127.0.0.13"]);
+    // Only trusted hops: the left-most of them. An entry that does not parse before an
+    // untrusted one is found: the peer itself.
+    let (s4, _) = xff(connect(&proxy, &pki), "10.8.8.8, 10.9.9.9").from("127.0.0.12").go().await.unwrap();
+    drop(s4);
+    assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["10.8.8.8"]);
+    let (s4, _) = xff(connect(&proxy, &pki), "203.0.113.8, garbage, 10.9.9.9").from("127.0.0.12").go().await.unwrap();
+    drop(s4);
+    assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["127.0.0.12"]);
+    let (s5, _) = xff(connect(&proxy, &pki), "203.0.113.7, garbage").from("127.0.0.12").go().await.unwrap();
+    drop(s5);
+    assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["127.0.0.12"]);
+}
+
+/// Opens a WebSocket over `tcp` after `prefix` bytes (a PROXY header) were written raw.
+async fn ws_after_prefix(proxy: &Proxy, pki: &Pki, mut tcp: TcpStream, prefix: &[u8]) -> Result<Client, String> {
+    tcp.write_all(prefix).await.map_err(|e| e.to_string())?;
+    let mut req = proxy.url("/chat").into_client_request().unwrap();
+    req.headers_mut().insert("origin", ORIGIN.parse().unwrap());
+    req.headers_mut().insert("authorization", format!("Bearer {}", token("pp", 600)).parse().unwrap());
+    let connector = tokio_tungstenite::Connector::Rustls(pki.client_config());
+    let fut = tokio_tungstenite::client_async_tls_with_config(req, tcp, None, Some(connector));
+    match tokio::time::timeout(Duration::from_secs(5), fut).await {
+        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timeout".into()),
+    }
+}
+
+fn proxy_v2(src: [u8; 4], sport: u16, local: bool) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    if local {
+        h.extend_from_slice(&[0x20, 0x00, 0, 0]);
+        return h;
+    }
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&[127, 0, 0, 1]);
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&443u16.to_be_bytes());
+    h
+}
+
+#[tokio::test]
+async fn proxy_protocol_v1_and_v2_from_a_trusted_peer() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let cfg = config(backend.addr, "[trusted_proxies]\ncidrs = [\"127.0.0.14/32\"]\nproxy_protocol = true\n");
+    let cfg = set(&cfg, "server", "handshake_timeout", "\"1s\"");
+    let proxy = Proxy::start(&pki, &cfg);
+
+    let v1 = b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 443\r\n";
+    let mut ws = ws_after_prefix(&proxy, &pki, tcp_from(&proxy, "127.0.0.14").await.unwrap(), v1).await.unwrap();
+    echo(&mut ws, "v1").await;
+    drop(ws);
+    assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["198.51.100.7"]);
+
+    let v2 = proxy_v2([192, 0, 2, 33], 40001, false);
+    let mut ws = ws_after_prefix(&proxy, &pki, tcp_from(&proxy, "127.0.0.14").await.unwrap(), &v2).await.unwrap();
+    echo(&mut ws, "v2").await;
+    drop(ws);
+    assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["192.0.2.33"]);
+
+    // v2 LOCAL (a health check) stands for the peer itself.
+    let local = proxy_v2([0; 4], 0, true);
+    let ws = ws_after_prefix(&proxy, &pki, tcp_from(&proxy, "127.0.0.14").await.unwrap(), &local).await.unwrap();
+    drop(ws);
+    assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["127.0.0.14"]);
+
+    // A trusted peer without a PROXY header is closed.
+    let r = ws_after_prefix(&proxy, &pki, tcp_from(&proxy, "127.0.0.14").await.unwrap(), b"").await;
+    assert!(r.is_err(), "no PROXY header from a trusted peer must not be served");
+    // An untrusted peer's PROXY header is never believed (the TLS handshake fails) ...
+    let r = ws_after_prefix(&proxy, &pki, tcp_from(&proxy, "127.0.0.15").await.unwrap(), v1).await;
+    assert!(r.is_err());
+    // ... and without one it is a direct client.
+    let ws = ws_after_prefix(&proxy, &pki, tcp_from(&proxy, "127.0.0.15").await.unwrap(), b"").await.unwrap();
+    drop(ws);
+    assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["127.0.0.15"]);
+}
+
+// ---------------------------------------------------------------- pending guard, slowloris
+
+#[tokio::test]
+async fn pending_handshakes_over_the_cap_are_dropped_at_accept() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let cfg = set(&config(backend.addr, ""), "limits", "max_pending_handshakes_per_ip", "3");
+    let proxy = Proxy::start(&pki, &cfg);
+
+    // Three idle TCP connections from one address fill its pending slots.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tcp_from(&proxy, "127.0.0.16").await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The fourth is dropped at accept: no TLS (the handshake fails at once, long before the
+    // 3 s handshake_timeout).
+    let t0 = Instant::now();
+    let r = tls_over(tcp_from(&proxy, "127.0.0.16").await.unwrap(), &pki).await;
+    assert!(r.is_err(), "over the pending cap, TLS must not be served");
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert!(handshakes(&proxy, "pending_dropped").await >= 1.0);
+    // Another address is unaffected.
+    connect(&proxy, &pki).from("127.0.0.17").go().await.expect("other address");
+    // Freed slots are usable again.
+    drop(idle);
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        match connect(&proxy, &pki).from("127.0.0.16").go().await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < end => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn slowloris_connections_are_all_closed_after_handshake_timeout() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let cfg = set(&config(backend.addr, ""), "server", "handshake_timeout", "\"2s\"");
+    let proxy = Proxy::start(&pki, &cfg);
+
+    const N: usize = 200;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let src = format!("127.0.1.{}", 10 + i % 20);
+        let tcp = tcp_from(&proxy, &src).await.unwrap();
+        let cc = pki.client_config();
+        tasks.push(tokio::spawn(async move {
+            let conn = tokio_rustls::TlsConnector::from(cc);
+            let began = Instant::now();
+            let Ok(tls) = conn.connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp).await else {
+                return (began.elapsed(), String::from("tls closed"));
+            };
+            let (mut r, mut w) = tokio::io::split(tls);
+            let writer = tokio::spawn(async move {
+                let req =
+                    b"GET /chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaa";
+                for b in req.iter() {
+                    if w.write_all(&[*b]).await.is_err() || w.flush().await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                }
+            });
+            let mut out = Vec::new();
+            let res = tokio::time::timeout(Duration::from_secs(8), r.read_to_end(&mut out)).await;
+            writer.abort();
+            assert!(res.is_ok(), "a trickling connection was still open after 8 s");
+            (began.elapsed(), String::from_utf8_lossy(&out).to_string())
+        }));
+    }
+    // Meanwhile a normal client gets in and talks.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut ws, _) = connect(&proxy, &pki).from("127.0.1.10").go().await.expect("normal client during slowloris");
+    echo(&mut ws, "still here").await;
+
+    let mut with_408 = 0;
+    for t in tasks {
+        let (took, resp) = t.await.unwrap();
+        assert!(took < Duration::from_millis(4500), "closed after {took:?}");
+        assert!(took >= Duration::from_millis(1500), "closed too early, after {took:?}: {resp}");
+        if status_of(&resp) == 408 {
+            with_408 += 1;
+        }
+    }
+    assert_eq!(with_408, N, "every started request gets 408");
+    assert!(start.elapsed() < Duration::from_secs(8));
+    assert!(handshakes(&proxy, "handshake_timeout").await >= N as f64);
+    echo(&mut ws, "and after").await;
+}
+
+// ---------------------------------------------------------------- address spray
+
+#[tokio::test]
+async fn address_spray_keeps_the_per_ip_table_bounded() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let tracked = |text: String| metric(&text, "wsgate_per_ip_tracked_keys", "");
+
+    // 150 distinct sources, one rejected attempt each (a rejected attempt still creates a
+    // bucket: every upgrade attempt counts).
+    let mut tasks = Vec::new();
+    for i in 0..150u32 {
+        let src = format!("127.2.{}.{}", i / 100, 1 + i % 100);
+        let proxy_addr = proxy.addr;
+        let cc = pki.client_config();
+        tasks.push(tokio::spawn(async move {
+            let s = TcpSocket::new_v4().unwrap();
+            s.bind(SocketAddr::new(src.parse().unwrap(), 0)).unwrap();
+            let tcp = s.connect(proxy_addr).await.unwrap();
+            let conn = tokio_rustls::TlsConnector::from(cc);
+            let mut tls =
+                conn.connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+            let req = "GET /chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                       Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                       Origin: https://evil.example.net\r\n\r\n";
+            tls.write_all(req.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+            status_of(&String::from_utf8_lossy(&out))
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 403);
+    }
+    // The sweeper (every 10 s) publishes the table size; it must have seen the sprayed keys
+    // and then come back down once their buckets refilled.
+    let end = Instant::now() + Duration::from_secs(25);
+    let mut peak = 0.0f64;
+    loop {
+        let n = tracked(proxy.metrics().await);
+        peak = peak.max(n);
+        if peak >= 150.0 && n <= 2.0 {
+            break;
+        }
+        assert!(Instant::now() < end, "tracked keys: peak {peak}, now {n}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+// ---------------------------------------------------------------- logs
+
+#[tokio::test]
+async fn rejections_log_one_line_each_and_tokens_never_appear() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let cfg = config(backend.addr, "").replace("level = \"info\"", "level = \"debug\"");
+    let proxy = Proxy::start(&pki, &cfg);
+    let secret_like = |sub: &str| token(sub, 600);
+    let (tq, th, tc, tp) = (secret_like("q-user"), secret_like("h-user"), secret_like("c-user"), secret_like("p-user"));
+    let no_auth = || connect(&proxy, &pki).without("Authorization");
+
+    // Accepted through each carrier.
+    let accepted = [
+        no_auth().path(&format!("/chat?access_token={tq}")),
+        no_auth().header("Authorization", &format!("Bearer {th}")),
+        no_auth().header("Cookie", &format!("access_token={tc}")),
+        no_auth().header("Sec-WebSocket-Protocol", &format!("access_token, {tp}")),
+    ];
+    for c in accepted {
+        let (ws, _) = c.go().await.unwrap();
+        drop(ws);
+    }
+    // Refused with tokens in every carrier: bad signature (401), bad origin (403).
+    let forged = |t: &str| format!("{t}AAAA");
+    let refused: Vec<(Connect<'_>, &str, u16, &str)> = vec![
+        (no_auth().path(&format!("/chat?access_token={}", forged(&tq))), "127.0.0.21", 401, "token_invalid"),
+        (no_auth().header("Authorization", &format!("Bearer {}", forged(&th))), "127.0.0.22", 401, "token_invalid"),
+        (no_auth().header("Cookie", &format!("access_token={}", forged(&tc))), "127.0.0.23", 401, "token_invalid"),
+        (
+            no_auth().header("Sec-WebSocket-Protocol", &format!("access_token, {}", forged(&tp))),
+            "127.0.0.24",
+            401,
+            "token_invalid",
+        ),
+        (
+            no_auth().header("Origin", "null").path(&format!("/chat?access_token={tq}")),
+            "127.0.0.25",
+            403,
+            "origin_denied",
+        ),
+        (no_auth(), "127.0.0.26", 401, "token_missing"),
+    ];
+    for (c, src, status, reason) in refused {
+        let e = c.from(src).go().await.unwrap_err();
+        assert_eq!(e.status(), status);
+        assert!(proxy.wait_log(&format!("\"client_ip\":\"{src}\""), Duration::from_secs(5)).await);
+        let lines: Vec<_> = rejections(&proxy).into_iter().filter(|v| v["client_ip"] == src).collect();
+        assert_eq!(lines.len(), 1, "{src}: {lines:?}");
+        assert_eq!(lines[0]["reason"], reason);
+        assert_eq!(lines[0]["status"], status);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = proxy.log_text();
+    for t in [&tq, &th, &tc, &tp] {
+        // Neither the token nor its signature part appears anywhere.
+        let sig = t.rsplit('.').next().unwrap();
+        assert!(!logs.contains(t.as_str()) && !logs.contains(sig), "token leaked into the log:\n{logs}");
+    }
+    assert!(!logs.contains(SECRET));
+}
+
+// ---------------------------------------------------------------- wsgate token
+
+#[test]
+fn token_command_prints_only_the_token_and_refuses_weak_secrets() {
+    let bin = env!("CARGO_BIN_EXE_wsgate");
+    let run = |env: Option<&str>, extra: &[&str]| {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(["token", "--secret-env", "WSGATE_TEST_TOKEN_SECRET", "--sub", "carol"]).args(extra);
+        cmd.env_remove("WSGATE_TEST_TOKEN_SECRET");
+        if let Some(v) = env {
+            cmd.env("WSGATE_TEST_TOKEN_SECRET", v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(Some(SECRET), &["--ttl", "10m", "--aud", "chat", "--iss", "https://idp.test"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.ends_with('\n'));
+    let t = stdout.trim_end_matches('\n');
+    assert!(!t.contains(char::is_whitespace) && t.split('.').count() == 3, "stdout is the token alone: {stdout:?}");
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.set_audience(&["chat"]);
+    v.set_issuer(&["https://idp.test"]);
+    let data =
+        jsonwebtoken::decode::<serde_json::Value>(t, &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()), &v)
+            .expect("a valid HS256 token");
+    let c = data.claims;
+    assert_eq!(c["sub"], "carol");
+    let (iat, exp) = (c["iat"].as_u64().unwrap(), c["exp"].as_u64().unwrap());
+    assert_eq!(exp - iat, 600);
+    assert!(iat.abs_diff(now_unix()) <= 5);
+
+    // Defaults: 1 h, no aud/iss.
+    let out = run(Some(SECRET), &[]);
+    let t = String::from_utf8(out.stdout).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.validate_aud = false;
+    let c = jsonwebtoken::decode::<serde_json::Value>(
+        t.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
+        &v,
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap(), 3600);
+    assert!(c.get("aud").is_none() && c.get("iss").is_none());
+
+    for env in [None, Some("too-short-secret"), Some("")] {
+        let out = run(env, &[]);
+        assert_eq!(out.status.code(), Some(2), "{env:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{env:?}: nothing on stdout");
+        assert!(!out.stderr.is_empty());
+    }
+}
