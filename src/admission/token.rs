@@ -115,22 +115,22 @@ pub fn scrub_path(path_and_query: &str, sources: &[TokenSource]) -> String {
     }
 }
 
+/// Whether an Authorization value uses the Bearer scheme (with or without credentials).
+fn is_bearer(v: &HeaderValue) -> bool {
+    let b = v.as_bytes().trim_ascii_start();
+    b.len() >= 6 && b[..6].eq_ignore_ascii_case(b"bearer") && b.get(6).is_none_or(|c| *c == b' ' || *c == b'\t')
+}
+
 /// Removes every configured token carrier from headers bound for the backend: a `Bearer`
 /// Authorization header (other schemes pass), and the token cookies (other cookies pass).
 pub fn scrub_headers(headers: &mut HeaderMap, sources: &[TokenSource]) {
-    if sources.contains(&TokenSource::Header) {
-        let is_bearer = headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.trim()
-                    .split_once(' ')
-                    .map(|(s, _)| s.eq_ignore_ascii_case("bearer"))
-                    .or(Some(v.trim().eq_ignore_ascii_case("bearer")))
-            })
-            .unwrap_or(false);
-        if is_bearer {
-            headers.remove(AUTHORIZATION);
+    if sources.contains(&TokenSource::Header) && headers.contains_key(AUTHORIZATION) {
+        // Every Bearer value goes, not only the first header's: a request may carry several
+        // Authorization headers (e.g. Basic, then Bearer).
+        let kept: Vec<HeaderValue> = headers.get_all(AUTHORIZATION).iter().filter(|v| !is_bearer(v)).cloned().collect();
+        headers.remove(AUTHORIZATION);
+        for v in kept {
+            headers.append(AUTHORIZATION, v);
         }
     }
     let names: Vec<&str> = sources
@@ -207,5 +207,13 @@ mod tests {
         h.insert(AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         scrub_headers(&mut h, &all());
         assert!(h.get(AUTHORIZATION).is_some());
+        let mut h = HeaderMap::new();
+        h.append(AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        h.append(AUTHORIZATION, HeaderValue::from_static("bearer xyz"));
+        h.append(AUTHORIZATION, HeaderValue::from_static("Bearer"));
+        h.append(AUTHORIZATION, HeaderValue::from_static("Bearerish q"));
+        scrub_headers(&mut h, &all());
+        let left: Vec<_> = h.get_all(AUTHORIZATION).iter().map(|v| v.to_str().unwrap()).collect();
+        assert_eq!(left, ["Basic abc", "Bearerish q"]);
     }
 }
