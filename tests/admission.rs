@@ -879,3 +879,52 @@ fn token_command_prints_only_the_token_and_refuses_weak_secrets() {
         assert!(!out.stderr.is_empty());
     }
 }
+
+// ---------------------------------------------------------------- edge cases of the carriers
+
+#[tokio::test]
+async fn a_second_authorization_header_with_a_bearer_never_reaches_the_backend() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let t = token("dup", 600);
+    let other = token("someone-else", 600);
+    let req = format!(
+        "GET /chat?access_token={t} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {ORIGIN}\r\n\
+         Authorization: Basic dXNlcjpwYXNz\r\nAuthorization: Bearer {other}\r\n\r\n"
+    );
+    let mut s = tls_over(tcp_from(&proxy, "127.0.0.1").await.unwrap(), &pki).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    drop(s);
+    let seen = backend.next_session().await;
+    let auth = seen.header_all("authorization");
+    assert!(!format!("{seen:?}").contains(&other), "a Bearer credential reached the backend: {auth:?}");
+    assert!(!format!("{seen:?}").contains(&t));
+}
+
+#[tokio::test]
+async fn the_token_pair_is_answered_even_when_the_token_came_from_another_source() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    // A browser app that sends the pair while a cookie also carries a token: the pair is
+    // stripped from what the backend is offered, and the client must still get a protocol
+    // back (a browser fails a handshake that offered protocols and got none).
+    let t = token("both", 600);
+    let r = connect(&proxy, &pki)
+        .without("Authorization")
+        .header("Cookie", &format!("access_token={t}"))
+        .header("Sec-WebSocket-Protocol", &format!("access_token, {t}"))
+        .go()
+        .await;
+    let (mut ws, resp) = r.expect("admitted");
+    assert_eq!(resp.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap()), Some("access_token"));
+    echo(&mut ws, "x").await;
+    drop(ws);
+    let seen = backend.next_session().await;
+    assert_eq!(seen.header("sec-websocket-protocol"), None);
+}

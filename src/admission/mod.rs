@@ -57,7 +57,9 @@ pub struct Admitted {
     pub policy: SessionPolicy,
     /// `sub` claim, for logs.
     pub sub: Option<String>,
-    /// The token came as a subprotocol: answer `access_token` if the backend picks none.
+    /// The client offered the `access_token, <jwt>` pair (not offered to the backend): answer
+    /// `access_token` if the backend picks none, since a browser fails a handshake that
+    /// offered protocols and got none back.
     pub token_in_protocol: bool,
     /// Per-IP session slot.
     pub ip_permit: SessionPermit,
@@ -94,7 +96,6 @@ pub async fn admit(
     let mut session = policy.session.clone();
     let mut sub = None;
     let mut extra = Vec::new();
-    let mut token_in_protocol = false;
     if let Some(auth) = &policy.auth {
         let query = path_and_query.split_once('?').map(|(_, q)| q);
         let Some(found) = token::extract(&policy.sources, headers, query, &offered) else {
@@ -105,7 +106,6 @@ pub async fn admit(
             Rejection::new(StatusCode::UNAUTHORIZED, "token_invalid")
                 .with(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""))
         })?;
-        token_in_protocol = found.source == crate::config::TokenSource::Subprotocol;
         sub = verified.claims.get("sub").and_then(|v| v.as_str()).map(str::to_string);
         for (claim, header) in &policy.claims {
             let value = match verified.claims.get(claim) {
@@ -134,13 +134,16 @@ pub async fn admit(
     let mut client_headers = headers.clone();
     token::scrub_headers(&mut client_headers, &policy.sources);
     let drop: Vec<HeaderName> = policy.claims.iter().map(|(_, h)| h.clone()).collect();
+    // Whichever source yielded the token, a pair the client sent is stripped, and answered.
+    let backend_protocols = token::protocols_for_backend(&offered, &policy.sources);
+    let token_in_protocol = backend_protocols.len() != offered.len();
     let backend_request = BackendRequest::new(
         token::scrub_path(path_and_query, &policy.sources),
         &client_headers,
         &drop,
         client_ip,
         extra,
-        token::protocols_for_backend(&offered, &policy.sources),
+        backend_protocols,
     );
     Ok(Admitted { backend_request, policy: session, sub, token_in_protocol, ip_permit, global_permit })
 }
