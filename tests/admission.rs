@@ -153,6 +153,9 @@ async fn plain_request_gets_426_and_malformed_upgrades_get_400() {
         good.replace("Connection: Upgrade", "Connection: keep-alive"),
         good.replacen("GET ", "POST ", 1),
         good.replace("HTTP/1.1", "HTTP/1.0"),
+        // An upgrade has no body: a length or a chunked coding is refused (no smuggling).
+        good.replace("Upgrade: websocket\r\n", "Upgrade: websocket\r\nContent-Length: 5\r\n") + "hello",
+        good.replace("Upgrade: websocket\r\n", "Upgrade: websocket\r\nTransfer-Encoding: chunked\r\n") + "0\r\n\r\n",
     ];
     for req in &bad {
         let resp = raw_request(&proxy, &pki, "127.0.0.1", req.as_bytes()).await;
@@ -241,6 +244,8 @@ async fn origin_allowlist_exact_wildcard_null_and_missing() {
         "http://chat.example.com",
         "https://chat.example.com:8443",
         "https://chat.example.com.evil.com",
+        "https://a.example.org:8443",
+        "http://a.example.org",
         "null",
         "",
         "chat.example.com",
@@ -604,6 +609,13 @@ async fn proxy_protocol_v1_and_v2_from_a_trusted_peer() {
     drop(ws);
     assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["127.0.0.14"]);
 
+    // A trusted peer that sends nothing is closed after handshake_timeout (1 s here).
+    let mut idle = tcp_from(&proxy, "127.0.0.14").await.unwrap();
+    let t0 = Instant::now();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await.expect("closed");
+    assert!(matches!(r, Ok(0) | Err(_)));
+    assert!(t0.elapsed() >= Duration::from_millis(800) && t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     // A trusted peer without a PROXY header is closed.
     let r = ws_after_prefix(&proxy, &pki, tcp_from(&proxy, "127.0.0.14").await.unwrap(), b"").await;
     assert!(r.is_err(), "no PROXY header from a trusted peer must not be served");
@@ -693,6 +705,31 @@ async fn slowloris_connections_are_all_closed_after_handshake_timeout() {
             (began.elapsed(), String::from_utf8_lossy(&out).to_string())
         }));
     }
+    // Some never even finish TLS: they trickle a ClientHello-looking prefix at the TCP level.
+    let mut raw = Vec::new();
+    for i in 0..20 {
+        let mut tcp = tcp_from(&proxy, &format!("127.0.1.{}", 40 + i % 5)).await.unwrap();
+        raw.push(tokio::spawn(async move {
+            let began = Instant::now();
+            let (mut r, mut w) = tcp.split();
+            let trickle = async {
+                for b in [0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03].iter().cycle() {
+                    if w.write_all(&[*b]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                }
+            };
+            let mut buf = [0u8; 64];
+            tokio::select! {
+                _ = trickle => {}
+                r = tokio::time::timeout(Duration::from_secs(8), async { loop { match r.read(&mut buf).await { Ok(0) | Err(_) => return, Ok(_) => {} } } }) => {
+                    assert!(r.is_ok(), "a TLS trickler was still open after 8 s");
+                }
+            }
+            began.elapsed()
+        }));
+    }
     // Meanwhile a normal client gets in and talks.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (mut ws, _) = connect(&proxy, &pki).from("127.0.1.10").go().await.expect("normal client during slowloris");
@@ -708,6 +745,10 @@ async fn slowloris_connections_are_all_closed_after_handshake_timeout() {
         }
     }
     assert_eq!(with_408, N, "every started request gets 408");
+    for t in raw {
+        let took = t.await.unwrap();
+        assert!(took >= Duration::from_millis(1500) && took < Duration::from_millis(4500), "TLS trickler: {took:?}");
+    }
     assert!(start.elapsed() < Duration::from_secs(8));
     assert!(handshakes(&proxy, "handshake_timeout").await >= N as f64);
     echo(&mut ws, "and after").await;
@@ -927,4 +968,43 @@ async fn the_token_pair_is_answered_even_when_the_token_came_from_another_source
     drop(ws);
     let seen = backend.next_session().await;
     assert_eq!(seen.header("sec-websocket-protocol"), None);
+}
+
+// ---------------------------------------------------------------- grouping by prefix
+
+#[tokio::test]
+async fn ipv4_prefix_groups_addresses_into_one_limit() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let mut cfg = set(&config(backend.addr, ""), "limits", "max_connections_per_ip", "2");
+    cfg = set(&cfg, "limits", "ipv4_prefix", "24");
+    let proxy = Proxy::start(&pki, &cfg);
+    let (_a, _) = connect(&proxy, &pki).from("127.0.3.1").go().await.unwrap();
+    let (_b, _) = connect(&proxy, &pki).from("127.0.3.2").go().await.unwrap();
+    let e = connect(&proxy, &pki).from("127.0.3.3").go().await.unwrap_err();
+    assert_eq!(e.status(), 429, "the /24 shares one cap");
+    connect(&proxy, &pki).from("127.0.4.1").go().await.expect("another /24");
+}
+
+#[tokio::test]
+async fn ipv6_clients_behind_a_trusted_proxy_are_grouped_by_ipv6_prefix() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let cfg = config(backend.addr, "[trusted_proxies]\ncidrs = [\"127.0.0.18/32\"]\n");
+    let cfg = set(&cfg, "limits", "max_connections_per_ip", "1");
+    let proxy = Proxy::start(&pki, &cfg);
+    let via = |xff: &str| connect(&proxy, &pki).header("X-Forwarded-For", xff).from("127.0.0.18");
+
+    let (a, _) = via("[2001:DB8:0:0::1]:443").go().await.unwrap();
+    // Same /64: over the cap. Another /64: fine.
+    assert_eq!(via("2001:db8::ffff:1").go().await.unwrap_err().status(), 429);
+    let (b, _) = via("2001:db8:0:1::1").go().await.unwrap();
+    // An IPv4-mapped address counts as IPv4.
+    let (c, _) = via("::ffff:203.0.113.9").go().await.unwrap();
+    drop(a);
+    assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["2001:db8::1"]);
+    drop(b);
+    assert_eq!(backend.next_session().await.header_all("x-real-ip"), vec!["2001:db8:0:1::1"]);
+    drop(c);
+    assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["203.0.113.9"]);
 }
