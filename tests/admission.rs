@@ -489,6 +489,8 @@ async fn claims_and_forwarding_headers_replace_client_copies() {
             .header("X-Forwarded-For", "6.6.6.6")
             .header("X-Real-IP", "6.6.6.6")
             .header("X-Forwarded-Proto", "http")
+            .header("Forwarded", "for=6.6.6.6;proto=http")
+            .header("X-Forwarded-Host", "evil.example.net")
             .from("127.0.0.11")
     }
 
@@ -499,6 +501,8 @@ async fn claims_and_forwarding_headers_replace_client_copies() {
     assert_eq!(seen.header_all("x-forwarded-for"), vec!["127.0.0.11"]);
     assert_eq!(seen.header_all("x-real-ip"), vec!["127.0.0.11"]);
     assert_eq!(seen.header_all("x-forwarded-proto"), vec!["https"]);
+    assert_eq!(seen.header("forwarded"), None);
+    assert_eq!(seen.header("x-forwarded-host"), None);
 
     // A token without `sub`: admitted, no X-Auth-User at all (the client's copy removed).
     let now = now_unix();
@@ -508,6 +512,14 @@ async fn claims_and_forwarding_headers_replace_client_copies() {
     let seen = backend.next_session().await;
     assert_eq!(seen.header_all("x-auth-user"), Vec::<String>::new());
     assert_eq!(seen.header_all("x-forwarded-for"), vec!["127.0.0.11"]);
+
+    // A claim that cannot be a header value (CR LF) is not forwarded, and injects nothing.
+    let evil = hs_token(serde_json::json!({"sub": "eve\r\nX-Injected: 1", "iat": now, "exp": now + 600}));
+    let (ws, _) = spoof(connect(&proxy, &pki)).header("Authorization", &format!("Bearer {evil}")).go().await.unwrap();
+    drop(ws);
+    let seen = backend.next_session().await;
+    assert_eq!(seen.header_all("x-auth-user"), Vec::<String>::new());
+    assert_eq!(seen.header("x-injected"), None);
 }
 
 // ---------------------------------------------------------------- trusted proxies
@@ -602,6 +614,13 @@ async fn proxy_protocol_v1_and_v2_from_a_trusted_peer() {
     echo(&mut ws, "v2").await;
     drop(ws);
     assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["192.0.2.33"]);
+
+    // v1 UNKNOWN stands for the peer itself.
+    let ws = ws_after_prefix(&proxy, &pki, tcp_from(&proxy, "127.0.0.14").await.unwrap(), b"PROXY UNKNOWN\r\n")
+        .await
+        .unwrap();
+    drop(ws);
+    assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["127.0.0.14"]);
 
     // v2 LOCAL (a health check) stands for the peer itself.
     let local = proxy_v2([0; 4], 0, true);
