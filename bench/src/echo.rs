@@ -40,7 +40,7 @@ pub async fn run(listen: SocketAddr, max_seconds: u64) -> Result<(), BoxError> {
     }
 }
 
-async fn accept_loop(listener: TcpListener) -> Result<(), BoxError> {
+pub(crate) async fn accept_loop(listener: TcpListener) -> Result<(), BoxError> {
     loop {
         match listener.accept().await {
             Ok((sock, _)) => {

@@ -579,3 +579,67 @@ async fn one_session(d: &Dialer, i: usize) -> Result<(), BoxError> {
     }
     c.close(d.io_timeout).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every mode end to end against the echo backend on loopback.
+    #[tokio::test]
+    async fn modes_against_echo_backend() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(crate::echo::accept_loop(listener));
+        let url = format!("ws://{addr}/x");
+        let d = Arc::new(
+            Dialer::new(
+                &url,
+                None,
+                true,
+                None,
+                Some("https://o.example".into()),
+                "127.0.0.1,127.0.0.2",
+                Duration::from_secs(5),
+            )
+            .unwrap(),
+        );
+        let none = || Probe::new(vec![], vec![]);
+        let timeout = Duration::from_secs(30);
+        for size in [16, 300, 70_000] {
+            let a = ThroughputArgs { sessions: 3, messages: 50, duration: Duration::ZERO, size, window: 4, timeout };
+            assert!(throughput(d.clone(), a, none(), Report::new("throughput", "test", None)).await);
+        }
+        let a = ThroughputArgs {
+            sessions: 2,
+            messages: 0,
+            duration: Duration::from_millis(200),
+            size: 64,
+            window: 8,
+            timeout,
+        };
+        assert!(throughput(d.clone(), a, none(), Report::new("throughput", "test", None)).await);
+        let a = HandshakeArgs { sessions: 20, concurrency: 4, timeout };
+        assert!(handshake(d.clone(), a, none(), Report::new("handshake", "test", None)).await);
+        let a = IdleArgs { sessions: 40, concurrency: 8, hold: Duration::ZERO, settle: Duration::ZERO, timeout };
+        assert!(idle(d, a, none(), Report::new("idle", "test", None)).await);
+    }
+
+    #[tokio::test]
+    async fn refused_target_reports_errors_without_hanging() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let d = Arc::new(
+            Dialer::new(&format!("ws://{addr}/"), None, true, None, None, "", Duration::from_secs(2)).unwrap(),
+        );
+        let a = ThroughputArgs {
+            sessions: 2,
+            messages: 10,
+            duration: Duration::ZERO,
+            size: 64,
+            window: 2,
+            timeout: Duration::from_secs(10),
+        };
+        assert!(!throughput(d, a, Probe::new(vec![], vec![]), Report::new("throughput", "test", None)).await);
+    }
+}
