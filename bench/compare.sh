@@ -327,6 +327,30 @@ start_target() {
     return 0
 }
 
+# The comparison is only fair if wsgate really enforces its policy while being
+# measured: one refused upgrade each for a bad signature, a missing token and a
+# foreign Origin (answers recorded in policy-check.txt).
+policy_check() {
+    local bad_token last e1 e2 e3
+    last=${TOKEN: -1}
+    bad_token="${TOKEN%?}$([ "$last" = A ] && echo B || echo A)"
+    probe() {
+        timeout 20 "$BENCH" handshake --url "$TARGET_URL" --ca "$WORK/tls/ca.pem" --sessions 1 --concurrency 1 \
+            --io-timeout 5 --timeout 10 --label policy-check "$@" 2>/dev/null \
+            | sed -n 's/.*"first_error":"\([^"]*\)".*/\1/p'
+    }
+    e1=$(probe --token "$bad_token" --origin "$ORIGIN")
+    e2=$(probe --origin "$ORIGIN")
+    e3=$(probe --token "$TOKEN" --origin https://evil.example)
+    printf 'round %s: bad signature -> %s; no token -> %s; foreign origin -> %s\n' \
+        "$1" "${e1:-ACCEPTED}" "${e2:-ACCEPTED}" "${e3:-ACCEPTED}" >>"$OUT/policy-check.txt"
+    if [ -z "$e1" ] || [ -z "$e2" ] || [ -z "$e3" ]; then
+        log "  warning: wsgate accepted a request its policy should refuse (see $OUT/policy-check.txt)"
+    else
+        log "  wsgate policy check: bad signature, missing token and foreign Origin refused"
+    fi
+}
+
 stop_target() {
     if [ -n "${TARGET_MAIN_PID:-}" ]; then
         stop_pid "$TARGET_MAIN_PID"
@@ -447,6 +471,7 @@ for r in $(seq 1 "$ROUNDS"); do
             stop_target
             continue
         fi
+        [ "$t" = wsgate ] && policy_check "$r"
         # Fresh process per target per round; idle first, so the RSS baseline
         # is not inflated by buffers kept from earlier workloads.
         for w in "${WORKLOAD_LIST[@]}"; do
