@@ -370,3 +370,16 @@ async fn jwks_url_periodic_refresh_drops_a_retired_key() {
     refused(&proxy, &pki, &old.sign(Some("old"), &claims("x")), "retired key").await;
     admitted(&proxy, &pki, &mut backend, &new.sign(Some("new"), &claims("after")), "after").await;
 }
+
+#[tokio::test]
+async fn hs256_secret_from_the_environment() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let cfg = auth_config(backend.addr, "\"HS256\"", "secret_env = \"WSGATE_TEST_ENV_SECRET\"", "");
+    let env_secret = "an-environment-secret-of-32-bytes-or-more";
+    let proxy = Proxy::start_with_env(&pki, &cfg, &[("WSGATE_TEST_ENV_SECRET", env_secret)]);
+    admitted(&proxy, &pki, &mut backend, &hs(Algorithm::HS256, env_secret.as_bytes(), &claims("env")), "env").await;
+    // The file secret the other tests use is not this proxy's key.
+    refused(&proxy, &pki, &token("file", 600), "signed with another secret").await;
+    assert!(!proxy.log_text().contains(env_secret));
+}
