@@ -491,6 +491,7 @@ async fn claims_and_forwarding_headers_replace_client_copies() {
             .header("X-Forwarded-Proto", "http")
             .header("Forwarded", "for=6.6.6.6;proto=http")
             .header("X-Forwarded-Host", "evil.example.net")
+            .header("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")
             .from("127.0.0.11")
     }
 
@@ -503,6 +504,7 @@ async fn claims_and_forwarding_headers_replace_client_copies() {
     assert_eq!(seen.header_all("x-forwarded-proto"), vec!["https"]);
     assert_eq!(seen.header("forwarded"), None);
     assert_eq!(seen.header("x-forwarded-host"), None);
+    assert_eq!(seen.header("sec-websocket-extensions"), None, "no permessage-deflate through the proxy");
 
     // A token without `sub`: admitted, no X-Auth-User at all (the client's copy removed).
     let now = now_unix();
