@@ -1029,3 +1029,21 @@ async fn ipv6_clients_behind_a_trusted_proxy_are_grouped_by_ipv6_prefix() {
     drop(c);
     assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["203.0.113.9"]);
 }
+
+#[tokio::test]
+async fn backend_path_prefix_is_joined_after_the_token_is_removed() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let cfg = config(backend.addr, "")
+        .replace(&format!("url = \"ws://{}\"", backend.addr), &format!("url = \"ws://{}/base/\"", backend.addr));
+    let proxy = Proxy::start(&pki, &cfg);
+    let t = token("prefix", 600);
+    let (ws, _) = connect(&proxy, &pki)
+        .without("Authorization")
+        .path(&format!("/chat?access_token={t}&room=1"))
+        .go()
+        .await
+        .unwrap();
+    drop(ws);
+    assert_eq!(backend.next_session().await.path, "/base/chat?room=1");
+}
