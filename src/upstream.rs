@@ -288,6 +288,16 @@ impl Upstream {
     }
 }
 
+/// Appends `name: value\r\n` for every header (HTTP/1.1 head encoding).
+pub fn write_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
+    for (n, v) in headers {
+        out.extend_from_slice(n.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }
@@ -367,12 +377,7 @@ impl BackendRequest {
             out.extend_from_slice(self.protocols.join(", ").as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        for (n, v) in &self.headers {
-            out.extend_from_slice(n.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(v.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        write_headers(&mut out, &self.headers);
         out.extend_from_slice(b"\r\n");
         out
     }

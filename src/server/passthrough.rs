@@ -65,12 +65,7 @@ fn encode_head(head: &Head) -> Vec<u8> {
     out.push(b' ');
     out.extend_from_slice(head.target.as_bytes());
     out.extend_from_slice(if head.version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
-    for (n, v) in &head.headers {
-        out.extend_from_slice(n.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    crate::upstream::write_headers(&mut out, &head.headers);
     out.extend_from_slice(b"\r\n");
     out
 }
