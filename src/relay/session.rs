@@ -25,6 +25,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const HIGH_WATER: usize = 256 * 1024;
 /// Size of the per-thread read buffer.
 const SCRATCH: usize = 64 * 1024;
+/// Reads gathered into the scratch buffer before its frames are processed and forwarded.
+const MAX_READS: usize = 16;
+/// Stop gathering when less than this is left: one full TLS record (16 KiB of plaintext).
+const MIN_READ_ROOM: usize = 16 * 1024;
 /// Loop turns per poll before yielding to other tasks.
 const MAX_TURNS: usize = 64;
 
@@ -233,20 +237,14 @@ where
     }
     let discard = dst.close_sent;
     if src.rbuf.is_empty() {
-        let mut rb = ReadBuf::new(scratch);
-        match Pin::new(&mut src.io).poll_read(cx, &mut rb) {
+        let n = match read_available(cx, &mut src.io, scratch) {
             Poll::Pending => return turn,
-            Poll::Ready(Err(_)) => {
+            Poll::Ready(0) => {
                 turn.eof = true;
                 return turn;
             }
-            Poll::Ready(Ok(())) => {}
-        }
-        let n = rb.filled().len();
-        if n == 0 {
-            turn.eof = true;
-            return turn;
-        }
+            Poll::Ready(n) => n,
+        };
         turn.progressed = true;
         let consumed = process(cx, &mut scratch[..n], src, dst, flow, policy, now, masks, discard, &mut turn);
         if turn.stop.is_none() && consumed < n {
@@ -291,6 +289,33 @@ where
         src.need = 0;
     }
     turn
+}
+
+/// Fills `buf` with what `io` has ready: reads until the socket has nothing more, the buffer
+/// has no room for another full TLS record, or `MAX_READS` reads. `Ready(0)` is EOF or an
+/// error with nothing read before it.
+///
+/// Why more than one read: tokio-rustls hands out one TLS record per read, so a single read
+/// would forward each record from the client in its own write to the backend. Gathering them
+/// first sends a burst in one write, which halves the syscalls and packets at small message
+/// sizes. The read that finds nothing costs no extra syscall: it would have happened on the
+/// next loop turn anyway, and after it tokio answers `Pending` from its readiness flag.
+fn read_available<S: AsyncRead + Unpin>(cx: &mut Context<'_>, io: &mut S, buf: &mut [u8]) -> Poll<usize> {
+    let mut n = 0;
+    for _ in 0..MAX_READS {
+        let mut rb = ReadBuf::new(&mut buf[n..]);
+        match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) if !rb.filled().is_empty() => n += rb.filled().len(),
+            // EOF or an error after some data: hand over the data; the next read sees it again.
+            Poll::Ready(_) => return Poll::Ready(n),
+            Poll::Pending if n == 0 => return Poll::Pending,
+            Poll::Pending => break,
+        }
+        if buf.len() - n < MIN_READ_ROOM {
+            break;
+        }
+    }
+    Poll::Ready(n)
 }
 
 /// Runs the flow over `buf` until it needs more bytes or stops; returns bytes consumed.
