@@ -37,6 +37,9 @@ QUIET_SPENT=0
 OTHER_MAX=${OTHER_MAX:-0.15}       # a run during which other work used more cores than this ...
 RETRY_DISTURBED=${RETRY_DISTURBED:-2}  # ... is run again, at most this many times
 SKIP_INSTALL=${SKIP_INSTALL:-0}
+WSGATE_B=${WSGATE_B:-}             # a second wsgate binary, run as target "wsgate-b" (A/B a change)
+PERF_TARGETS=${PERF_TARGETS:-}     # e.g. "wsgate": record a cpu-clock profile of these targets per workload
+PERF_STAT=${PERF_STAT:-}           # e.g. "raw_syscalls:sys_enter": count these events instead (perf stat)
 SKIP_BUILD=${SKIP_BUILD:-0}
 ECHO_PORT=${ECHO_PORT:-19000}
 WSGATE_PORT=${WSGATE_PORT:-19443}
@@ -285,9 +288,11 @@ start_target() {
     TARGET_PIDS=""
     TARGET_MAIN_PID=""
     case $t in
-    wsgate)
-        [ -x "$WSGATE" ] || { log "wsgate binary missing"; return 1; }
-        taskset -c "$PROXY_CPU" "$WSGATE" run --config "$WORK/wsgate.toml" >>"$OUT/wsgate.log" 2>&1 &
+    wsgate | wsgate-b)
+        local bin=$WSGATE
+        [ "$t" = wsgate-b ] && bin=$WSGATE_B
+        [ -x "$bin" ] || { log "$t binary missing"; return 1; }
+        taskset -c "$PROXY_CPU" "$bin" run --config "$WORK/wsgate.toml" >>"$OUT/$t.log" 2>&1 &
         TARGET_MAIN_PID=$!
         STARTED+=("$TARGET_MAIN_PID")
         TARGET_URL="wss://localhost:$WSGATE_PORT/echo"
@@ -363,6 +368,29 @@ stop_target() {
     TARGET_MAIN_PID=""
 }
 
+# Profiling mode (PERF_TARGETS): `perf record` attached to the proxy for one
+# workload. Sampling costs the proxy CPU, so runs with it are for finding where
+# the time goes, not for the table.
+PERF_PID=""
+perf_start() { # round target workload
+    case " $PERF_TARGETS " in *" $2 "*) ;; *) return 0 ;; esac
+    [ -n "$TARGET_PIDS" ] && command -v perf >/dev/null || return 0
+    if [ -n "$PERF_STAT" ]; then
+        perf stat -e "$PERF_STAT" -p "$TARGET_PIDS" -o "$OUT/perf-stat-$2-$3-r$1.txt" >>"$OUT/perf.log" 2>&1 &
+    else
+        perf record -q -e "${PERF_EVENT:-cpu-clock}" ${PERF_FREQ:--F 2000} -g -p "$TARGET_PIDS" -o "$OUT/perf-$2-$3-r$1.data" \
+            >>"$OUT/perf.log" 2>&1 &
+    fi
+    PERF_PID=$!
+    sleep 0.5
+}
+perf_stop() {
+    [ -n "$PERF_PID" ] || return 0
+    kill -INT "$PERF_PID" 2>/dev/null
+    wait "$PERF_PID" 2>/dev/null
+    PERF_PID=""
+}
+
 record_failure() { # round target workload message
     printf '{"round":%s,"label":"%s","workload":"%s","errors":1,"first_error":"%s"}\n' \
         "$1" "$2" "$3" "$4" >>"$RESULTS"
@@ -427,6 +455,9 @@ BENCH=$WORK/bin/wsgate-bench
 if [ -x "$WSGATE" ]; then
     cp "$WSGATE" "$WORK/bin/wsgate" && WSGATE=$WORK/bin/wsgate
 fi
+if [ -n "$WSGATE_B" ] && [ -x "$WSGATE_B" ]; then
+    cp "$WSGATE_B" "$WORK/bin/wsgate-b" && WSGATE_B=$WORK/bin/wsgate-b
+fi
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -471,7 +502,7 @@ for r in $(seq 1 "$ROUNDS"); do
             stop_target
             continue
         fi
-        [ "$t" = wsgate ] && policy_check "$r"
+        case $t in wsgate | wsgate-b) policy_check "$r" ;; esac
         # Fresh process per target per round; idle first, so the RSS baseline
         # is not inflated by buffers kept from earlier workloads.
         for w in "${WORKLOAD_LIST[@]}"; do
@@ -482,7 +513,9 @@ for r in $(seq 1 "$ROUNDS"); do
                 record_failure "$r" "$t" "$w" "target process exited"
                 continue
             fi
+            perf_start "$r" "$t" "$w"
             run_workload "$r" "$t" "$w"
+            perf_stop
             sleep 1
         done
         stop_target
