@@ -170,6 +170,15 @@ impl AsyncWrite for BackendStream {
     }
 }
 
+impl crate::relay::RelayIo for BackendStream {
+    fn buffer_last(&mut self, last: &[u8]) -> usize {
+        match self {
+            BackendStream::Plain(s) => s.buffer_last(last),
+            BackendStream::Tls(s) => s.buffer_last(last),
+        }
+    }
+}
+
 /// Everything needed to reach the backend, built once per config.
 pub struct Upstream {
     /// The parsed URL.

@@ -207,3 +207,25 @@ async fn plain_tcp_to_tls_port_fails_fast() {
     }
     assert!(t0.elapsed() < Duration::from_secs(2));
 }
+
+/// After a close handshake the client gets the close reply and then a clean TLS end
+/// (`close_notify`, so a read returns 0), never a truncated stream; the proxy sends both in
+/// one write, which must not reorder them.
+#[tokio::test]
+async fn close_reply_is_followed_by_a_clean_tls_end() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let mut s = raw_upgrade(&proxy, &pki).await;
+    let mut close = 4000u16.to_be_bytes().to_vec();
+    close.extend_from_slice(b"done");
+    s.write_all(&raw_frame(true, 0x8, true, &close)).await.unwrap();
+    let (op, payload) = read_raw_frame(&mut s).await.expect("a close reply");
+    assert_eq!(op, 0x8);
+    assert_eq!(&payload[..2], &4000u16.to_be_bytes());
+    let mut rest = [0u8; 16];
+    // rustls reports a TCP end without close_notify as an UnexpectedEof error.
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut rest)).await.expect("the proxy ends the stream");
+    assert_eq!(n.expect("a clean TLS end (close_notify)"), 0);
+}

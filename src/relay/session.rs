@@ -9,6 +9,7 @@
 
 use super::flow::{Flow, Source, Stop, Violation};
 use super::frame::{self, MaskGen, OP_CLOSE, OP_PING};
+use super::io::RelayIo;
 use super::policy::SessionPolicy;
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -16,7 +17,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 /// How long a close handshake may take before the sockets are dropped.
@@ -106,7 +107,7 @@ struct Side<S> {
     dead: bool,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Side<S> {
+impl<S: RelayIo> Side<S> {
     fn new(io: S, pre: Vec<u8>) -> Side<S> {
         Side {
             io,
@@ -161,6 +162,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Side<S> {
             return false;
         }
         let mut moved = false;
+        if self.close_sent && self.read_done && self.wpos == 0 && !self.wbuf.is_empty() {
+            // Both closes are through: this is the last output, so a TLS stream sends it and
+            // its close_notify in one write (the shutdown that follows finds nothing to add).
+            let n = self.io.buffer_last(&self.wbuf);
+            if n > 0 {
+                self.wpos = n;
+                self.flush_pending = true;
+                moved = true;
+            }
+        }
         while self.wpos < self.wbuf.len() {
             match Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
@@ -224,8 +235,8 @@ fn pump<S, T>(
     scratch: &mut [u8],
 ) -> Turn
 where
-    S: AsyncRead + AsyncWrite + Unpin,
-    T: AsyncRead + AsyncWrite + Unpin,
+    S: RelayIo,
+    T: RelayIo,
 {
     let mut turn = Turn::default();
     if src.read_done || src.dead {
@@ -333,8 +344,8 @@ fn process<S, T>(
     turn: &mut Turn,
 ) -> usize
 where
-    S: AsyncRead + AsyncWrite + Unpin,
-    T: AsyncRead + AsyncWrite + Unpin,
+    S: RelayIo,
+    T: RelayIo,
 {
     let mut pos = 0;
     loop {
@@ -419,8 +430,8 @@ fn proxy_close<C, B>(
     reason: &'static str,
     now: Instant,
 ) where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    C: RelayIo,
+    B: RelayIo,
 {
     st.record_end(client_code, Initiator::Proxy, reason, now);
     if !client.close_sent {
@@ -450,8 +461,8 @@ pub async fn run<C, B>(
     traffic: &dyn TrafficSink,
 ) -> SessionEnd
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    C: RelayIo,
+    B: RelayIo,
 {
     let now = Instant::now();
     let mut client = Side::new(client, client_pre);
@@ -561,8 +572,8 @@ where
 /// Idle, keepalive and expiry checks when the timer fires.
 fn on_timer<C, B>(client: &mut Side<C>, backend: &mut Side<B>, st: &mut State, now: Instant, traffic: &dyn TrafficSink)
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    C: RelayIo,
+    B: RelayIo,
 {
     if st.closing_deadline.is_some() {
         return;
@@ -593,8 +604,8 @@ fn handle_turn<S, T>(
     now: Instant,
 ) -> bool
 where
-    S: AsyncRead + AsyncWrite + Unpin,
-    T: AsyncRead + AsyncWrite + Unpin,
+    S: RelayIo,
+    T: RelayIo,
 {
     if turn.data_seen {
         st.last_activity = now;

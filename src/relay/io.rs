@@ -1,0 +1,46 @@
+//! The sockets the relay drives, and the one thing it needs from them beyond reading and
+//! writing: ending a TLS stream's output in the same write as its last bytes.
+
+use std::io::Write;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+/// A socket the relay pump drives.
+pub trait RelayIo: AsyncRead + AsyncWrite + Unpin {
+    /// Buffers `last`, the final bytes this stream will ever carry, and when all of it was
+    /// taken, the end of the stream's output after it (TLS `close_notify`), for the next
+    /// flush to send together. Returns how many bytes of `last` were taken; 0 when the stream
+    /// cannot do this (plain TCP) or has output queued ahead, and then nothing changed.
+    ///
+    /// Why: after a close handshake the final close frame and the `close_notify` would
+    /// otherwise leave in two writes, two packets, on every session.
+    fn buffer_last(&mut self, _last: &[u8]) -> usize {
+        0
+    }
+}
+
+impl RelayIo for TcpStream {}
+
+impl RelayIo for tokio_rustls::server::TlsStream<TcpStream> {
+    fn buffer_last(&mut self, last: &[u8]) -> usize {
+        tls_buffer_last(self.get_mut().1, last)
+    }
+}
+
+impl RelayIo for tokio_rustls::client::TlsStream<TcpStream> {
+    fn buffer_last(&mut self, last: &[u8]) -> usize {
+        tls_buffer_last(self.get_mut().1, last)
+    }
+}
+
+fn tls_buffer_last<D>(conn: &mut rustls::ConnectionCommon<D>, last: &[u8]) -> usize {
+    if conn.is_handshaking() || conn.wants_write() {
+        return 0;
+    }
+    // rustls takes up to its send-buffer limit (64 KiB by default); a close frame always fits.
+    let n = conn.writer().write(last).unwrap_or(0);
+    if n == last.len() {
+        conn.send_close_notify();
+    }
+    n
+}
