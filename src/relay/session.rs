@@ -487,9 +487,13 @@ where
     let mut draining_now = false;
 
     poll_fn(|cx| {
+        // One clock read and one timer poll per wake-up, not per turn: the turns of a wake-up
+        // take microseconds, and a timer keeps this task's waker until it fires or is reset
+        // (both set `poll_timer` again).
+        let now = Instant::now();
+        let mut poll_timer = true;
         for _ in 0..MAX_TURNS {
             let mut progressed = false;
-            let now = Instant::now();
 
             // The cancellation future takes the token's mutex when polled, so it is polled once
             // to register this task's waker; afterwards a plain load of `draining` suffices.
@@ -503,13 +507,17 @@ where
                 proxy_close(&mut client, &mut backend, &mut st, 1001, 1001, "going away", now);
             }
 
-            if timer.as_mut().poll(cx).is_ready() {
-                on_timer(&mut client, &mut backend, &mut st, now, traffic);
-                if st.closing_deadline.is_some_and(|d| now >= d) {
-                    return Poll::Ready(());
+            if poll_timer {
+                poll_timer = false;
+                if timer.as_mut().poll(cx).is_ready() {
+                    on_timer(&mut client, &mut backend, &mut st, now, traffic);
+                    if st.closing_deadline.is_some_and(|d| now >= d) {
+                        return Poll::Ready(());
+                    }
+                    timer.as_mut().reset(st.next_deadline().into());
+                    poll_timer = true;
+                    progressed = true;
                 }
-                timer.as_mut().reset(st.next_deadline().into());
-                progressed = true;
             }
 
             progressed |= client.poll_out(cx);
@@ -532,6 +540,7 @@ where
             }
             if st.closing_deadline.is_some() && timer.deadline() != st.next_deadline().into() {
                 timer.as_mut().reset(st.next_deadline().into());
+                poll_timer = true;
                 progressed = true;
             }
             if !progressed {
