@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
+/// Longest delay before a session's traffic shows in the global metrics.
+const METRICS_FLUSH: Duration = Duration::from_secs(1);
 /// How long a close handshake may take before the sockets are dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Stop reading a peer while this much output is waiting for either side (backpressure).
@@ -386,6 +388,8 @@ struct State {
     next_ping: Instant,
     awaiting_pong: bool,
     flushed: [u64; 5],
+    /// When counts not yet in the global metrics must be flushed (`None`: nothing pending).
+    flush_due: Option<Instant>,
 }
 
 impl State {
@@ -396,8 +400,13 @@ impl State {
         self.closing_deadline.get_or_insert(now + CLOSE_TIMEOUT);
     }
 
+    fn counts(&self) -> [u64; 5] {
+        [self.c2b.msgs, self.c2b.bytes, self.b2c.msgs, self.b2c.bytes, self.c2b.rate_limited]
+    }
+
     fn flush_metrics(&mut self, sink: &dyn TrafficSink) {
-        let cur = [self.c2b.msgs, self.c2b.bytes, self.b2c.msgs, self.b2c.bytes, self.c2b.rate_limited];
+        self.flush_due = None;
+        let cur = self.counts();
         let mut d = [0u64; 5];
         for i in 0..5 {
             d[i] = cur[i] - self.flushed[i];
@@ -415,6 +424,9 @@ impl State {
         let mut d = self.next_ping.min(self.last_activity + self.policy.idle_timeout);
         if let Some(e) = self.policy.expires_at {
             d = d.min(e);
+        }
+        if let Some(f) = self.flush_due {
+            d = d.min(f);
         }
         d
     }
@@ -477,6 +489,7 @@ where
         next_ping: now + policy.ping_interval,
         awaiting_pong: false,
         flushed: [0; 5],
+        flush_due: None,
         policy,
     };
     let timer = tokio::time::sleep_until(st.next_deadline().into());
@@ -544,6 +557,19 @@ where
                 progressed = true;
             }
             if !progressed {
+                // New traffic counts reach the global metrics within METRICS_FLUSH: the first
+                // uncounted message arms the timer for it (one reset a second at most).
+                if st.flush_due.is_none() && st.counts() != st.flushed && st.closing_deadline.is_none() {
+                    let due = now + METRICS_FLUSH;
+                    st.flush_due = Some(due);
+                    if timer.deadline() > due.into() {
+                        timer.as_mut().reset(due.into());
+                        // Registers the waker again if the timer had fired.
+                        if timer.as_mut().poll(cx).is_ready() {
+                            cx.waker().wake_by_ref();
+                        }
+                    }
+                }
                 return Poll::Pending;
             }
         }
@@ -586,6 +612,9 @@ where
 {
     if st.closing_deadline.is_some() {
         return;
+    }
+    if st.flush_due.is_some_and(|d| now >= d) {
+        st.flush_metrics(traffic);
     }
     if st.policy.expires_at.is_some_and(|e| now >= e) {
         proxy_close(client, backend, st, 1008, 1001, "token expired", now);
