@@ -18,11 +18,11 @@ fn respond(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> R
 
 fn route<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/metrics" => respond(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            shared.metrics.encode(),
-        ),
+        "/metrics" => respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", {
+            // Live at scrape time: the table grows between sweeps, which is what to watch.
+            shared.metrics.per_ip_keys.set(shared.limiter.tracked_keys() as i64);
+            shared.metrics.encode()
+        }),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" if shared.is_accepting() => respond(StatusCode::OK, "text/plain", "ready\n"),
         "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n"),

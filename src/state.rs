@@ -147,18 +147,10 @@ impl Shared {
     /// Starts the per-IP table sweeper (evicts idle entries).
     pub fn spawn_sweeper(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
-        let weak_gauge = weak.clone();
-        drop(self.memory_limiter.spawn_sweeper(
-            move || match weak.upgrade() {
-                Some(s) => s.policy.load().ip_limits,
-                None => IpLimits::from_config(&crate::config::LimitsConfig::default()),
-            },
-            move |n| {
-                if let Some(s) = weak_gauge.upgrade() {
-                    s.metrics.per_ip_keys.set(n as i64);
-                }
-            },
-        ));
+        drop(self.memory_limiter.spawn_sweeper(move || match weak.upgrade() {
+            Some(s) => s.policy.load().ip_limits,
+            None => IpLimits::from_config(&crate::config::LimitsConfig::default()),
+        }));
     }
 
     /// The drain flag sessions check after the shutdown token woke them.

@@ -337,21 +337,18 @@ impl MemoryLimiter {
     /// Spawns a task that sweeps every [`SWEEP_INTERVAL`] with the limits `limits()` returns at
     /// that moment (read the live config there). The sweep itself runs on the blocking pool, so
     /// walking a large table never stalls a runtime worker. The task ends by itself once the
-    /// limiter is dropped; abort the handle to end it sooner. `swept` gets the number of
-    /// tracked keys after each sweep (for the gauge).
+    /// limiter is dropped; abort the handle to end it sooner.
     pub fn spawn_sweeper(
         self: &Arc<Self>,
         limits: impl Fn() -> IpLimits + Send + 'static,
-        swept: impl Fn(usize) + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
-        self.spawn_sweeper_every(SWEEP_INTERVAL, limits, swept)
+        self.spawn_sweeper_every(SWEEP_INTERVAL, limits)
     }
 
     fn spawn_sweeper_every(
         self: &Arc<Self>,
         every: Duration,
         limits: impl Fn() -> IpLimits + Send + 'static,
-        swept: impl Fn(usize) + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
         // A weak reference, so the sweeper does not keep a replaced limiter alive.
         let weak: Weak<MemoryLimiter> = Arc::downgrade(self);
@@ -363,13 +360,8 @@ impl MemoryLimiter {
                 tick.tick().await;
                 let Some(me) = weak.upgrade() else { break };
                 let l = limits();
-                let sweep = tokio::task::spawn_blocking(move || {
-                    me.sweep(&l);
-                    me.tracked_keys()
-                });
-                match sweep.await {
-                    Ok(n) => swept(n),
-                    Err(_) => break, // the runtime is shutting down
+                if tokio::task::spawn_blocking(move || me.sweep(&l)).await.is_err() {
+                    break; // the runtime is shutting down
                 }
             }
         })
@@ -755,7 +747,7 @@ mod tests {
         let lim = MemoryLimiter::new();
         let fast = IpLimits { max_sessions: 1, handshakes_per_second: 1000, handshake_burst: 1 };
         lim.check_handshake(key("192.0.2.1"), &fast).unwrap();
-        let h = lim.spawn_sweeper_every(Duration::from_millis(20), move || fast, |_| {});
+        let h = lim.spawn_sweeper_every(Duration::from_millis(20), move || fast);
         let mut left = usize::MAX;
         for _ in 0..100 {
             tokio::time::sleep(Duration::from_millis(10)).await;
