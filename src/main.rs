@@ -75,20 +75,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// The tokio runtime: one worker per core the process may use.
-///
-/// Pinned to a single core (`taskset`, a one-CPU container or systemd `CPUAffinity=`), the
-/// process gets tokio's current-thread scheduler instead of a one-worker multi-thread one: the
-/// same single thread of work without the work-stealing queues, atomics and driver handoff,
-/// which the benchmark measures at roughly a fifth less proxy CPU per relayed message.
 fn runtime() -> tokio::runtime::Runtime {
-    let one_core = std::thread::available_parallelism().map(|n| n.get() == 1).unwrap_or(false);
-    let mut builder = if one_core {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    match builder.enable_all().build() {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wsgate: cannot start the runtime: {e}");
