@@ -49,8 +49,8 @@ HAPROXY_PORT=${HAPROXY_PORT:-19445}
 OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
 ORIGIN=https://bench.example
 
-BENCH=$ROOT/target/release/wsgate-bench
-WSGATE=$ROOT/target/release/wsgate
+BENCH=${BENCH:-$ROOT/target/release/wsgate-bench}
+WSGATE=${WSGATE:-$ROOT/target/release/wsgate}
 
 log() { printf '[compare %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
