@@ -250,7 +250,7 @@ where
     }
     let discard = dst.close_sent;
     if src.rbuf.is_empty() {
-        let n = match read_available(cx, &mut src.io, scratch) {
+        let n = match read_available(cx, &mut src.io, &mut ReadBuf::new(scratch)) {
             Poll::Pending => return turn,
             Poll::Ready(0) => {
                 turn.eof = true;
@@ -268,22 +268,15 @@ where
         if !src.unprocessed {
             let want = src.need.max(src.rbuf.len() + 4096);
             src.rbuf.reserve(want - src.rbuf.len());
-            let spare = src.rbuf.spare_capacity_mut();
-            let mut rb = ReadBuf::uninit(spare);
-            match Pin::new(&mut src.io).poll_read(cx, &mut rb) {
+            let n = match read_available(cx, &mut src.io, &mut ReadBuf::uninit(src.rbuf.spare_capacity_mut())) {
                 Poll::Pending => return turn,
-                Poll::Ready(Err(_)) => {
+                Poll::Ready(0) => {
                     turn.eof = true;
                     return turn;
                 }
-                Poll::Ready(Ok(())) => {}
-            }
-            let n = rb.filled().len();
-            if n == 0 {
-                turn.eof = true;
-                return turn;
-            }
-            // SAFETY: `n` bytes of the spare capacity were initialised by the read.
+                Poll::Ready(n) => n,
+            };
+            // SAFETY: the reads initialised `n` bytes at the start of the spare capacity.
             unsafe { src.rbuf.set_len(src.rbuf.len() + n) };
         }
         src.unprocessed = false;
@@ -305,30 +298,30 @@ where
 }
 
 /// Fills `buf` with what `io` has ready: reads until the socket has nothing more, the buffer
-/// has no room for another full TLS record, or `MAX_READS` reads. `Ready(0)` is EOF or an
-/// error with nothing read before it.
+/// has no room for another full TLS record, or `MAX_READS` reads. Returns the bytes read;
+/// `Ready(0)` is EOF or an error with nothing read before it.
 ///
 /// Why more than one read: tokio-rustls hands out one TLS record per read, so a single read
 /// would forward each record from the client in its own write to the backend. Gathering them
 /// first sends a burst in one write, which halves the syscalls and packets at small message
 /// sizes. The read that finds nothing costs no extra syscall: it would have happened on the
 /// next loop turn anyway, and after it tokio answers `Pending` from its readiness flag.
-fn read_available<S: AsyncRead + Unpin>(cx: &mut Context<'_>, io: &mut S, buf: &mut [u8]) -> Poll<usize> {
-    let mut n = 0;
+fn read_available<S: AsyncRead + Unpin>(cx: &mut Context<'_>, io: &mut S, buf: &mut ReadBuf<'_>) -> Poll<usize> {
+    let start = buf.filled().len();
     for _ in 0..MAX_READS {
-        let mut rb = ReadBuf::new(&mut buf[n..]);
-        match Pin::new(&mut *io).poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) if !rb.filled().is_empty() => n += rb.filled().len(),
+        let before = buf.filled().len();
+        match Pin::new(&mut *io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {}
             // EOF or an error after some data: hand over the data; the next read sees it again.
-            Poll::Ready(_) => return Poll::Ready(n),
-            Poll::Pending if n == 0 => return Poll::Pending,
+            Poll::Ready(_) => break,
+            Poll::Pending if before == start => return Poll::Pending,
             Poll::Pending => break,
         }
-        if buf.len() - n < MIN_READ_ROOM {
+        if buf.remaining() < MIN_READ_ROOM {
             break;
         }
     }
-    Poll::Ready(n)
+    Poll::Ready(buf.filled().len() - start)
 }
 
 /// Runs the flow over `buf` until it needs more bytes or stops; returns bytes consumed.
