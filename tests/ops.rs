@@ -194,15 +194,12 @@ async fn backend_connect_errors_are_counted() {
 async fn backend_close_is_counted_and_logged_as_the_backend_s() {
     let pki = Pki::new();
     // A backend that closes with 4002 "kicked" after the first message.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+    let addr = scripted_backend(|_, mut ws| async move {
         let _ = ws.next().await;
         ws.send(close_frame(4002, "kicked")).await.unwrap();
         while let Some(Ok(_)) = ws.next().await {}
-    });
+    })
+    .await;
     let proxy = Proxy::start(&pki, &config(addr, ""));
     let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
     ws.send(Message::Text("hello".into())).await.unwrap();

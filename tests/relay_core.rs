@@ -114,14 +114,11 @@ async fn close_code_and_reason_forwarded_client_to_backend() {
 async fn close_code_and_reason_forwarded_backend_to_client() {
     let pki = Pki::new();
     // A backend that closes with 4002 "kicked" right after the handshake.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+    let addr = scripted_backend(|_, mut ws| async move {
         ws.send(close_frame(4002, "kicked")).await.unwrap();
         while let Some(Ok(_)) = ws.next().await {}
-    });
+    })
+    .await;
     let proxy = Proxy::start(&pki, &config(addr, ""));
     let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
     assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await, Some((4002, "kicked".into())));
@@ -160,26 +157,19 @@ async fn backend_silent_is_504_within_connect_timeout() {
 #[tokio::test]
 async fn backend_killed_mid_session_gives_1011_and_proxy_keeps_serving() {
     let pki = Pki::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        // First session: dropped without a close after one message. Later: echo.
-        let (tcp, _) = listener.accept().await.unwrap();
-        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-        let _ = ws.next().await;
-        drop(ws);
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_text() && ws.send(m).await.is_err() {
-                        break;
-                    }
-                }
-            });
+    // First session: dropped without a close after one message. Later: echo.
+    let addr = scripted_backend(|n, mut ws| async move {
+        if n == 0 {
+            let _ = ws.next().await;
+            return;
         }
-    });
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_text() && ws.send(m).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
     let proxy = Proxy::start(&pki, &config(addr, ""));
     let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
     ws.send(Message::Text("hi".into())).await.unwrap();

@@ -399,6 +399,30 @@ pub enum Mode {
     Sink,
 }
 
+/// A hand-scripted tokio-tungstenite backend: `script(n, ws)` runs for the `n`-th WebSocket
+/// session it accepts (counting from 0), each in its own task.
+pub async fn scripted_backend<F, Fut>(script: F) -> SocketAddr
+where
+    F: Fn(usize, WebSocketStream<TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let script = Arc::new(script);
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let script = script.clone();
+            tokio::spawn(async move {
+                if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
+                    script(n, ws).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// A tokio-tungstenite backend. `sessions` receives each session's record when it ends.
 pub struct Backend {
     pub addr: SocketAddr,
