@@ -156,12 +156,7 @@ async fn respond<S: AsyncWrite + Unpin>(io: &mut S, status: StatusCode, extra: &
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\nConnection: close\r\nContent-Type: text/plain\r\n");
-    for (n, v) in extra {
-        out.extend_from_slice(n.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    upstream::write_headers(&mut out, extra.iter().map(|(n, v)| (n, v)));
     let body = status.canonical_reason().unwrap_or("error");
     out.extend_from_slice(format!("Content-Length: {}\r\n\r\n{body}\n", body.len() + 1).as_bytes());
     let _ = tokio::time::timeout(Duration::from_secs(2), async {

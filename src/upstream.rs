@@ -298,7 +298,7 @@ impl Upstream {
 }
 
 /// Appends `name: value\r\n` for every header (HTTP/1.1 head encoding).
-pub fn write_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
+pub fn write_headers<'a>(out: &mut Vec<u8>, headers: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>) {
     for (n, v) in headers {
         out.extend_from_slice(n.as_str().as_bytes());
         out.extend_from_slice(b": ");
