@@ -28,10 +28,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 const HIGH_WATER: usize = 256 * 1024;
 /// Size of the per-thread read buffer.
 const SCRATCH: usize = 64 * 1024;
-/// Reads gathered into the scratch buffer before its frames are processed and forwarded.
-const MAX_READS: usize = 16;
-/// Stop gathering when less than this is left: one full TLS record (16 KiB of plaintext).
-const MIN_READ_ROOM: usize = 16 * 1024;
 /// Loop turns per poll before yielding to other tasks.
 const MAX_TURNS: usize = 64;
 
@@ -250,7 +246,7 @@ where
     }
     let discard = dst.close_sent;
     if src.rbuf.is_empty() {
-        let n = match read_available(cx, &mut src.io, &mut ReadBuf::new(scratch)) {
+        let n = match read_into(cx, &mut src.io, &mut ReadBuf::new(scratch)) {
             Poll::Pending => return turn,
             Poll::Ready(0) => {
                 turn.eof = true;
@@ -268,7 +264,7 @@ where
         if !src.unprocessed {
             let want = src.need.max(src.rbuf.len() + 4096);
             src.rbuf.reserve(want - src.rbuf.len());
-            let n = match read_available(cx, &mut src.io, &mut ReadBuf::uninit(src.rbuf.spare_capacity_mut())) {
+            let n = match read_into(cx, &mut src.io, &mut ReadBuf::uninit(src.rbuf.spare_capacity_mut())) {
                 Poll::Pending => return turn,
                 Poll::Ready(0) => {
                     turn.eof = true;
@@ -297,31 +293,19 @@ where
     turn
 }
 
-/// Fills `buf` with what `io` has ready: reads until the socket has nothing more, the buffer
-/// has no room for another full TLS record, or `MAX_READS` reads. Returns the bytes read;
-/// `Ready(0)` is EOF or an error with nothing read before it.
+/// One read into `buf`; returns the bytes read, `Ready(0)` at EOF or on an error.
 ///
-/// Why more than one read: tokio-rustls hands out one TLS record per read, so a single read
-/// would forward each record from the client in its own write to the backend. Gathering them
-/// first sends a burst in one write, which halves the syscalls and packets at small message
-/// sizes. The read that finds nothing costs no extra syscall: it would have happened on the
-/// next loop turn anyway, and after it tokio answers `Pending` from its readiness flag.
-fn read_available<S: AsyncRead + Unpin>(cx: &mut Context<'_>, io: &mut S, buf: &mut ReadBuf<'_>) -> Poll<usize> {
-    let start = buf.filled().len();
-    for _ in 0..MAX_READS {
-        let before = buf.filled().len();
-        match Pin::new(&mut *io).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) if buf.filled().len() > before => {}
-            // EOF or an error after some data: hand over the data; the next read sees it again.
-            Poll::Ready(_) => break,
-            Poll::Pending if before == start => return Poll::Pending,
-            Poll::Pending => break,
-        }
-        if buf.remaining() < MIN_READ_ROOM {
-            break;
-        }
+/// One read is enough to gather a burst: tokio-rustls (0.26) copies every decrypted record it
+/// has into the buffer until it is full or the socket is empty, and a plain socket read takes
+/// everything queued. Reading again after data would also lose an error tokio-rustls holds
+/// back for the next read (it hands it out once).
+fn read_into<S: AsyncRead + Unpin>(cx: &mut Context<'_>, io: &mut S, buf: &mut ReadBuf<'_>) -> Poll<usize> {
+    let before = buf.filled().len();
+    match Pin::new(io).poll_read(cx, buf) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Ok(())) => Poll::Ready(buf.filled().len() - before),
+        Poll::Ready(Err(_)) => Poll::Ready(0),
     }
-    Poll::Ready(buf.filled().len() - start)
 }
 
 /// Runs the flow over `buf` until it needs more bytes or stops; returns bytes consumed.
@@ -494,9 +478,10 @@ where
 
     poll_fn(|cx| {
         // One clock read and one timer poll per wake-up, not per turn: the turns of a wake-up
-        // take microseconds, and a timer keeps this task's waker until it fires or is reset
-        // (both set `poll_timer` again).
-        let now = Instant::now();
+        // take microseconds, and a timer keeps this task's waker until it fires. It is polled
+        // again after every reset all the same (`poll_timer`), which costs nothing and does not
+        // depend on that detail of tokio's timer.
+        let mut now = Instant::now();
         let mut poll_timer = true;
         for _ in 0..MAX_TURNS {
             let mut progressed = false;
@@ -516,6 +501,8 @@ where
             if poll_timer {
                 poll_timer = false;
                 if timer.as_mut().poll(cx).is_ready() {
+                    // It may have come due during this wake-up's turns: judge it by the clock now.
+                    now = Instant::now();
                     on_timer(&mut client, &mut backend, &mut st, now, traffic);
                     if st.closing_deadline.is_some_and(|d| now >= d) {
                         return Poll::Ready(());
