@@ -18,7 +18,7 @@ fn respond(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> R
 
 fn route<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/metrics" => respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", {
+        "/metrics" => respond(StatusCode::OK, crate::metrics::CONTENT_TYPE, {
             // Live at scrape time: the table grows between sweeps, which is what to watch.
             shared.metrics.per_ip_keys.set(shared.limiter.tracked_keys() as i64);
             shared.metrics.encode()

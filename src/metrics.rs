@@ -194,13 +194,49 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format.
+    /// The Prometheus text exposition format (0.0.4), as DESIGN.md specifies.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
+        let mut om = String::new();
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        let _ = prometheus_client::encoding::text::encode(&mut om, &self.registry);
+        openmetrics_to_prometheus(&om)
     }
+}
+
+/// `Content-Type` of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Rewrites prometheus-client's OpenMetrics text as Prometheus text format 0.0.4.
+///
+/// Why: the two differ only where a strict 0.0.4 parser trips: OpenMetrics names a counter
+/// family without `_total` (`# TYPE x counter` over samples `x_total`), which 0.0.4 parsers
+/// file as an untyped family, and it ends with `# EOF` and may carry `# UNIT` lines.
+fn openmetrics_to_prometheus(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        om.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(om.len() + 16 * counters.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
+        if let Some((prefix, rest)) = meta {
+            let name = rest.split(' ').next().unwrap_or("");
+            if counters.contains(name) {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total");
+                out.push_str(&rest[name.len()..]);
+                out.push('\n');
+                continue;
+            }
+        } else if counters.iter().any(|c| line.strip_prefix(c).is_some_and(|r| r.starts_with("_created"))) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 impl crate::relay::TrafficSink for Metrics {
@@ -210,5 +246,31 @@ impl crate::relay::TrafficSink for Metrics {
         self.b2c_msgs.inc_by(b2c_msgs);
         self.b2c_bytes.inc_by(b2c_bytes);
         self.rate_limited.inc_by(rate_limited);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_prometheus_text_0_0_4() {
+        let m = Metrics::new();
+        m.handshake("accepted");
+        let text = m.encode();
+        assert!(text.contains("# TYPE wsgate_handshakes_total counter\n"), "{text}");
+        assert!(text.contains("# HELP wsgate_handshakes_total "), "{text}");
+        assert!(text.contains("wsgate_handshakes_total{result=\"accepted\"} 1\n"), "{text}");
+        assert!(text.contains("# TYPE wsgate_sessions_active gauge\n"), "{text}");
+        assert!(text.contains("# TYPE wsgate_handshake_duration_seconds histogram\n"), "{text}");
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT") && !text.contains("_created"), "{text}");
+        // A 0.0.4 parser files the counter under its own name, with its type.
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "wsgate_handshakes_total" && s.labels.get("result") == Some("accepted"))
+            .expect("sample");
+        assert!(matches!(s.value, prometheus_parse::Value::Counter(v) if v == 1.0), "{:?}", s.value);
     }
 }
