@@ -119,10 +119,19 @@ async fn read_head<S: AsyncRead + Unpin>(io: &mut S, deadline: Instant) -> Resul
 
 fn parse_head(bytes: &[u8]) -> Result<Head, HeadError> {
     let mut hs = [httparse::EMPTY_HEADER; 128];
+    let mut many = Vec::new();
     let mut req = httparse::Request::new(&mut hs);
-    match req.parse(bytes) {
+    let mut parsed = req.parse(bytes);
+    if let Err(httparse::Error::TooManyHeaders) = parsed {
+        // Only the head's size is limited (431 is decided before parsing): a head under it
+        // with many short headers is parsed in full. A header takes a line, so the line
+        // count bounds the array.
+        many.resize(bytes.iter().filter(|&&b| b == b'\n').count(), httparse::EMPTY_HEADER);
+        req = httparse::Request::new(&mut many);
+        parsed = req.parse(bytes);
+    }
+    match parsed {
         Ok(httparse::Status::Complete(_)) => {}
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
         _ => return Err(HeadError::Malformed),
     }
     let mut headers = HeaderMap::with_capacity(req.headers.len());
@@ -248,6 +257,7 @@ async fn connection(
             shared.metrics.handshake("handshake_timeout");
             tracing::info!(event = "rejected", client_ip = %peer_ip, reason = "handshake_timeout", status = if started { 408 } else { 0 });
             if started {
+                shared.metrics.handshake_duration.observe(start.elapsed().as_secs_f64());
                 respond(&mut tls, StatusCode::REQUEST_TIMEOUT, &[]).await;
             }
             return;

@@ -297,13 +297,38 @@ impl Upstream {
     }
 }
 
-/// Appends `name: value\r\n` for every header (HTTP/1.1 head encoding).
+/// Appends `Name: value\r\n` for every header (HTTP/1.1 head encoding), names in their
+/// conventional capitalisation.
 pub fn write_headers<'a>(out: &mut Vec<u8>, headers: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>) {
     for (n, v) in headers {
-        out.extend_from_slice(n.as_str().as_bytes());
+        write_name(out, n.as_str());
         out.extend_from_slice(b": ");
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Writes a (lower-case) header name as `X-Forwarded-For`, `Sec-WebSocket-Key`, `X-Real-IP`.
+///
+/// Why: field names are case-insensitive, but the legacy servers wsgate sits in front of
+/// sometimes match them byte for byte, and every browser and proxy sends them capitalised.
+fn write_name(out: &mut Vec<u8>, name: &str) {
+    for (i, word) in name.split('-').enumerate() {
+        if i > 0 {
+            out.push(b'-');
+        }
+        match word {
+            "websocket" => out.extend_from_slice(b"WebSocket"),
+            "ip" => out.extend_from_slice(b"IP"),
+            "www" => out.extend_from_slice(b"WWW"),
+            _ => {
+                let mut bytes = word.bytes();
+                if let Some(first) = bytes.next() {
+                    out.push(first.to_ascii_uppercase());
+                    out.extend(bytes);
+                }
+            }
+        }
     }
 }
 
@@ -395,6 +420,22 @@ impl BackendRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_names_are_capitalised() {
+        let mut h = HeaderMap::new();
+        for n in ["x-forwarded-for", "x-real-ip", "sec-websocket-protocol", "www-authenticate", "origin", "x-auth-user"]
+        {
+            h.insert(HeaderName::from_static(n), HeaderValue::from_static("v"));
+        }
+        let mut out = Vec::new();
+        write_headers(&mut out, &h);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "X-Forwarded-For: v\r\nX-Real-IP: v\r\nSec-WebSocket-Protocol: v\r\nWWW-Authenticate: v\r\nOrigin: v\r\n\
+             X-Auth-User: v\r\n"
+        );
+    }
 
     #[test]
     fn url_parse_and_join() {

@@ -136,6 +136,48 @@ async fn headers_over_16_kib_get_431_and_just_under_pass() {
 }
 
 #[tokio::test]
+async fn many_short_headers_under_16_kib_pass() {
+    // A raw backend that takes any number of headers (tungstenite's parser stops at 124),
+    // answers the upgrade and hands over the head it got, byte for byte.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut b).await.unwrap();
+            assert!(n > 0);
+            head.extend_from_slice(&b[..n]);
+        }
+        let text = String::from_utf8_lossy(&head).to_string();
+        let key = text
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:").then(|| l[18..].trim().to_string()))
+            .unwrap();
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            wsgate::upstream::accept_key(key.as_bytes())
+        );
+        tcp.write_all(resp.as_bytes()).await.unwrap();
+        let _ = head_tx.send(text);
+        let _ = tcp.read(&mut b).await;
+    });
+    let pki = Pki::new();
+    let proxy = Proxy::start(&pki, &config(addr, ""));
+    // Only the size of the head counts: 300 short headers (about 3 KiB) pass.
+    let short: String = (0..300).map(|i| format!("X-S{i}: v\r\n")).collect();
+    let resp = raw_request(&proxy, &pki, "127.0.0.1", upgrade_request(&short).as_bytes()).await;
+    assert_eq!(status_of(&resp), 101, "{resp}");
+    // Legacy backends may match header names byte for byte: the proxy's own are capitalised.
+    let head = tokio::time::timeout(Duration::from_secs(5), head_rx).await.unwrap().unwrap();
+    for h in ["X-Forwarded-For: 127.0.0.1", "X-Forwarded-Proto: https", "X-Real-IP: 127.0.0.1", "X-S299: v"] {
+        assert!(head.contains(&format!("\r\n{h}\r\n")), "{h} not in {head}");
+    }
+}
+
+#[tokio::test]
 async fn plain_request_gets_426_and_malformed_upgrades_get_400() {
     let pki = Pki::new();
     let backend = Backend::start(Mode::Echo).await;
