@@ -15,6 +15,7 @@ use hyper::header::HeaderName;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -116,7 +117,7 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     accepting: AtomicBool,
     /// Set when the drain starts; sessions read it (a plain load, no lock) once woken.
-    draining: AtomicBool,
+    drain: crate::relay::session::Drain,
     /// Connection and session tasks, for the drain.
     pub tasks: TaskTracker,
     /// Where the config came from (reload), if a file.
@@ -138,7 +139,7 @@ impl Shared {
             metrics,
             shutdown: CancellationToken::new(),
             accepting: AtomicBool::new(true),
-            draining: AtomicBool::new(false),
+            drain: Default::default(),
             tasks: TaskTracker::new(),
             config_path,
         })
@@ -153,9 +154,9 @@ impl Shared {
         }));
     }
 
-    /// The drain flag sessions check after the shutdown token woke them.
-    pub fn draining(&self) -> &AtomicBool {
-        &self.draining
+    /// The drain signal sessions check after the shutdown token woke them.
+    pub fn draining(&self) -> &crate::relay::session::Drain {
+        &self.drain
     }
 
     /// Whether new connections are accepted (`/readyz`).
@@ -163,10 +164,11 @@ impl Shared {
         self.accepting.load(Ordering::Relaxed)
     }
 
-    /// Starts the drain: stop accepting, tell sessions to close with 1001.
-    pub fn begin_drain(&self) {
+    /// Starts the drain: stop accepting, tell sessions to close with 1001 and to be over
+    /// within `grace`.
+    pub fn begin_drain(&self, grace: Duration) {
         self.accepting.store(false, Ordering::Relaxed);
-        self.draining.store(true, Ordering::Release);
+        self.drain.begin(Instant::now() + grace);
         self.shutdown.cancel();
         self.tasks.close();
     }

@@ -366,6 +366,10 @@ async fn healthz_and_readyz_then_503_while_draining() {
     assert_eq!(status.code(), Some(0));
     assert!(took >= Duration::from_millis(2500) && took < Duration::from_millis(4500), "exit after {took:?}");
     assert_eq!(events(&proxy, "drain_timeout").len(), 1, "{}", proxy.log_text());
+    // The session cut at the deadline still logs its end (and so is counted).
+    let ends = events(&proxy, "session_end");
+    assert_eq!(ends.len(), 1, "{}", proxy.log_text());
+    assert_eq!((ends[0]["close_code"].as_u64(), ends[0]["initiator"].as_str()), (Some(1001), Some("proxy")));
 }
 
 // ---------------------------------------------------------------------------------------------

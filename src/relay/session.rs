@@ -14,7 +14,8 @@ use super::policy::SessionPolicy;
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, ReadBuf};
@@ -34,6 +35,36 @@ const MAX_TURNS: usize = 64;
 thread_local! {
     static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; SCRATCH]);
 }
+
+/// The drain signal sessions watch, set once when the proxy starts shutting down.
+#[derive(Debug, Default)]
+pub struct Drain {
+    /// When the process stops waiting for sessions (`shutdown_grace` after the drain began).
+    deadline: OnceLock<Instant>,
+    /// Sessions that reached the deadline before their close handshake was over.
+    cut: AtomicUsize,
+}
+
+impl Drain {
+    /// Starts the drain; sessions must be over by `deadline`.
+    pub fn begin(&self, deadline: Instant) {
+        let _ = self.deadline.set(deadline);
+    }
+
+    /// The drain's deadline, once it has begun.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline.get().copied()
+    }
+
+    /// How many sessions the deadline cut short (their peer never answered the close).
+    pub fn cut(&self) -> usize {
+        self.cut.load(Ordering::Relaxed)
+    }
+}
+
+/// How long before the drain deadline a session stops waiting for its close handshake, so it
+/// still logs and counts its end before the process exits.
+const DRAIN_MARGIN: Duration = Duration::from_millis(100);
 
 /// Who started the close that ended a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,7 +468,8 @@ fn proxy_close<C, B>(
 /// Relays frames between an upgraded client and a connected backend until the session ends.
 ///
 /// `client_pre` and `backend_pre` are bytes that arrived with the handshakes. `shutdown` wakes
-/// the session when the drain starts and `draining` says so (1001 to both sides).
+/// the session when the drain starts and `drain` says so (1001 to both sides; the session ends
+/// by the drain's deadline even when a peer never answers the close).
 #[allow(clippy::too_many_arguments)]
 pub async fn run<C, B>(
     client: C,
@@ -446,7 +478,7 @@ pub async fn run<C, B>(
     backend_pre: Vec<u8>,
     policy: SessionPolicy,
     shutdown: CancellationToken,
-    draining: &AtomicBool,
+    drain: &Drain,
     traffic: &dyn TrafficSink,
 ) -> SessionEnd
 where
@@ -475,6 +507,7 @@ where
     tokio::pin!(cancelled);
     let mut cancel_registered = false;
     let mut draining_now = false;
+    let mut drain_seen = false;
 
     poll_fn(|cx| {
         // One clock read and one timer poll per wake-up, not per turn: the turns of a wake-up
@@ -487,15 +520,23 @@ where
             let mut progressed = false;
 
             // The cancellation future takes the token's mutex when polled, so it is polled once
-            // to register this task's waker; afterwards a plain load of `draining` suffices.
+            // to register this task's waker; afterwards a plain load of `drain` suffices.
             if !cancel_registered {
                 cancel_registered = true;
                 if cancelled.as_mut().poll(cx).is_ready() {
                     draining_now = true;
                 }
             }
-            if st.end.is_none() && (draining_now || draining.load(Ordering::Acquire)) {
-                proxy_close(&mut client, &mut backend, &mut st, 1001, 1001, "going away", now);
+            if !drain_seen && (draining_now || drain.deadline().is_some()) {
+                drain_seen = true;
+                if st.end.is_none() {
+                    proxy_close(&mut client, &mut backend, &mut st, 1001, 1001, "going away", now);
+                }
+                // Wait for the closes only as long as the process will wait for this session.
+                if let Some(d) = drain.deadline() {
+                    let d = d.checked_sub(DRAIN_MARGIN).unwrap_or(d).max(now);
+                    st.closing_deadline = Some(st.closing_deadline.map_or(d, |c| c.min(d)));
+                }
             }
 
             if poll_timer {
@@ -505,6 +546,9 @@ where
                     now = Instant::now();
                     on_timer(&mut client, &mut backend, &mut st, now, traffic);
                     if st.closing_deadline.is_some_and(|d| now >= d) {
+                        if drain_seen {
+                            drain.cut.fetch_add(1, Ordering::Relaxed);
+                        }
                         return Poll::Ready(());
                     }
                     timer.as_mut().reset(st.next_deadline().into());
@@ -558,8 +602,13 @@ where
     })
     .await;
 
-    // Best-effort graceful shutdown (TLS close_notify, FIN), bounded by the close timeout.
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    // Best-effort graceful shutdown (TLS close_notify, FIN): a second at most, and never past
+    // the drain's deadline.
+    let mut bound = Duration::from_secs(1);
+    if let Some(d) = drain.deadline() {
+        bound = bound.min(d.saturating_duration_since(Instant::now()));
+    }
+    let _ = tokio::time::timeout(bound, async {
         use tokio::io::AsyncWriteExt;
         if !client.dead {
             let _ = client.io.shutdown().await;
