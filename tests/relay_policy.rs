@@ -177,6 +177,25 @@ async fn backend_message_over_max_message_size_1009_to_backend_1001_to_client() 
     assert_eq!(rx.recv().await.unwrap(), Some(1009));
 }
 
+#[tokio::test]
+async fn backend_text_that_is_not_utf8_gets_1007_to_backend_1001_to_client() {
+    use tokio_tungstenite::tungstenite::protocol::frame::{coding::Data, coding::OpCode, Frame};
+    let pki = Pki::new();
+    let (addr, mut rx) = custom_backend(|mut ws| async move {
+        ws.send(Message::Text("fine".into())).await.unwrap();
+        let bad = Frame::message(vec![b'o', b'k', 0xff, 0xfe], OpCode::Data(Data::Text), true);
+        ws.send(Message::Frame(bad)).await.unwrap();
+        backend_read_close(ws).await
+    })
+    .await;
+    let proxy = Proxy::start(&pki, &config(addr, ""));
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first, Message::Text("fine".into()));
+    assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await.map(|c| c.0), Some(1001));
+    assert_eq!(rx.recv().await.unwrap(), Some(1007));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rates
 

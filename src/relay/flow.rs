@@ -321,8 +321,12 @@ impl Flow {
                 frame_bytes[h.header_len - 4..h.header_len].copy_from_slice(&new);
             }
             None => {
-                // Backend text is not re-validated: the backend is trusted to speak UTF-8, and
-                // the client's own library checks it.
+                // Backend text is checked too: a browser fails the whole connection on invalid
+                // UTF-8 with no close code to show for it; the proxy closes cleanly instead
+                // (1007 to the backend, 1001 to the client, like an oversized message).
+                if self.text && !self.utf8.feed(payload, h.fin) {
+                    return Err(v(1007, 1001, "invalid UTF-8 in text message"));
+                }
             }
         }
         self.bytes += h.len;
