@@ -178,6 +178,53 @@ async fn many_short_headers_under_16_kib_pass() {
 }
 
 #[tokio::test]
+async fn plain_http_passes_through_scrubbed_and_a_dead_backend_is_502() {
+    // A raw HTTP backend that answers one request and hands over the head it got.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        drop(listener); // later requests find nobody listening
+        let mut head = Vec::new();
+        let mut b = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut b).await.unwrap();
+            assert!(n > 0);
+            head.extend_from_slice(&b[..n]);
+        }
+        tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await.unwrap();
+        let _ = head_tx.send(String::from_utf8_lossy(&head).to_string());
+    });
+    let pki = Pki::new();
+    let cfg = config(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"1s\"\nhttp = \"proxy\"");
+    let proxy = Proxy::start(&pki, &cfg);
+    let req = format!(
+        "GET /page HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        token("page", 3600)
+    );
+    let resp = raw_request(&proxy, &pki, "127.0.0.1", req.as_bytes()).await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    assert!(resp.ends_with("ok"), "{resp}");
+    let head = tokio::time::timeout(Duration::from_secs(5), head_rx).await.unwrap().unwrap();
+    assert!(head.starts_with("GET /page HTTP/1.1\r\n"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("authorization"), "the token reached the backend: {head}");
+    assert!(head.contains("\r\nX-Forwarded-For: 127.0.0.1\r\n"), "{head}");
+
+    // The backend gone: 502, logged and counted.
+    let resp = raw_request(&proxy, &pki, "127.0.0.1", req.as_bytes()).await;
+    assert_eq!(status_of(&resp), 502, "{resp}");
+    assert!(handshakes(&proxy, "backend_unreachable").await >= 1.0);
+    // The log is captured by another thread: give it a moment.
+    let logged = || rejections(&proxy).iter().any(|r| r["reason"] == "backend_unreachable" && r["status"] == 502);
+    let end = Instant::now() + Duration::from_secs(3);
+    while !logged() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(logged(), "{}", proxy.log_text());
+}
+
+#[tokio::test]
 async fn plain_request_gets_426_and_malformed_upgrades_get_400() {
     let pki = Pki::new();
     let backend = Backend::start(Mode::Echo).await;

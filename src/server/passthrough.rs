@@ -143,21 +143,35 @@ async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_i
     }
     let Ok(out) = out.body(body) else { return plain(StatusCode::BAD_REQUEST, &[]) };
 
+    // A backend failure is answered, logged and counted like the upgrade path's 502/504.
+    let failed = |timed_out: bool| {
+        let (status, reason) = match timed_out {
+            false => (StatusCode::BAD_GATEWAY, "backend_unreachable"),
+            true => (StatusCode::GATEWAY_TIMEOUT, "backend_timeout"),
+        };
+        shared.metrics.handshake(reason);
+        shared.metrics.backend_errors.get_or_create(&crate::metrics::ResultLabel { result: reason }).inc();
+        tracing::info!(event = "rejected", client_ip = %client_ip, reason, status = status.as_u16(), passthrough = true);
+        plain(status, &[])
+    };
     let stream = match tokio::time::timeout(policy.upstream.timeout, policy.upstream.connect_stream()).await {
         Ok(Ok(s)) => s,
-        Ok(Err(_)) => return plain(StatusCode::BAD_GATEWAY, &[]),
-        Err(_) => return plain(StatusCode::GATEWAY_TIMEOUT, &[]),
+        Ok(Err(_)) => return failed(false),
+        Err(_) => return failed(true),
     };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+    // Title-case names like the upgrade path (`X-Forwarded-For`): legacy servers may match
+    // header names byte for byte.
+    let handshake = hyper::client::conn::http1::Builder::new().title_case_headers(true).handshake(TokioIo::new(stream));
+    let (mut sender, conn) = match handshake.await {
         Ok(x) => x,
-        Err(_) => return plain(StatusCode::BAD_GATEWAY, &[]),
+        Err(_) => return failed(false),
     };
     tokio::spawn(async move {
         let _ = conn.await;
     });
     match tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(out)).await {
         Ok(Ok(resp)) => resp.map(|b| b.boxed()),
-        Ok(Err(_)) => plain(StatusCode::BAD_GATEWAY, &[]),
-        Err(_) => plain(StatusCode::GATEWAY_TIMEOUT, &[]),
+        Ok(Err(_)) => failed(false),
+        Err(_) => failed(true),
     }
 }
