@@ -59,12 +59,14 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     })
 }
 
-/// A `Bearer` credential, if the Authorization header carries a non-empty one.
+/// The first non-empty `Bearer` credential among the Authorization headers (a `Basic` one
+/// for the backend may come before it).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, rest) = v.split_once(' ')?;
-    let t = rest.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !t.is_empty()).then_some(t)
+    headers.get_all(AUTHORIZATION).iter().find_map(|v| {
+        let (scheme, rest) = v.to_str().ok()?.trim().split_once(' ')?;
+        let t = rest.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !t.is_empty()).then_some(t)
+    })
 }
 
 /// Looks for a token in the configured sources, in order. `Basic` credentials and empty
@@ -190,6 +192,14 @@ mod tests {
         let protos = vec!["chat".to_string(), "access_token".into(), "JWT".into()];
         assert_eq!(extract(&all(), &h, None, &protos).unwrap().token, "JWT");
         assert_eq!(protocols_for_backend(&protos, &all()), vec!["chat"]);
+    }
+
+    #[test]
+    fn bearer_after_a_basic_header_is_found() {
+        let mut h = HeaderMap::new();
+        h.append(AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
+        h.append(AUTHORIZATION, HeaderValue::from_static("Bearer TK"));
+        assert_eq!(extract(&all(), &h, None, &[]).unwrap().token, "TK");
     }
 
     #[test]
