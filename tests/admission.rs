@@ -135,6 +135,18 @@ async fn headers_over_16_kib_get_431_and_just_under_pass() {
     assert!(handshakes(&proxy, "headers_too_large").await >= 2.0);
 }
 
+/// Reads an HTTP request head from a raw backend connection.
+async fn read_http_head(tcp: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tcp.read(&mut b).await.unwrap();
+        assert!(n > 0, "closed before the end of the head");
+        head.extend_from_slice(&b[..n]);
+    }
+    String::from_utf8_lossy(&head).to_string()
+}
+
 #[tokio::test]
 async fn many_short_headers_under_16_kib_pass() {
     // A raw backend that takes any number of headers (tungstenite's parser stops at 124),
@@ -144,14 +156,7 @@ async fn many_short_headers_under_16_kib_pass() {
     let (head_tx, head_rx) = tokio::sync::oneshot::channel::<String>();
     tokio::spawn(async move {
         let (mut tcp, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = tcp.read(&mut b).await.unwrap();
-            assert!(n > 0);
-            head.extend_from_slice(&b[..n]);
-        }
-        let text = String::from_utf8_lossy(&head).to_string();
+        let text = read_http_head(&mut tcp).await;
         let key = text
             .lines()
             .find_map(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:").then(|| l[18..].trim().to_string()))
@@ -162,7 +167,7 @@ async fn many_short_headers_under_16_kib_pass() {
         );
         tcp.write_all(resp.as_bytes()).await.unwrap();
         let _ = head_tx.send(text);
-        let _ = tcp.read(&mut b).await;
+        let _ = tcp.read(&mut [0u8; 64]).await;
     });
     let pki = Pki::new();
     let proxy = Proxy::start(&pki, &config(addr, ""));
@@ -186,15 +191,9 @@ async fn plain_http_passes_through_scrubbed_and_a_dead_backend_is_502() {
     tokio::spawn(async move {
         let (mut tcp, _) = listener.accept().await.unwrap();
         drop(listener); // later requests find nobody listening
-        let mut head = Vec::new();
-        let mut b = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = tcp.read(&mut b).await.unwrap();
-            assert!(n > 0);
-            head.extend_from_slice(&b[..n]);
-        }
+        let head = read_http_head(&mut tcp).await;
         tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await.unwrap();
-        let _ = head_tx.send(String::from_utf8_lossy(&head).to_string());
+        let _ = head_tx.send(head);
     });
     let pki = Pki::new();
     let cfg = config(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"1s\"\nhttp = \"proxy\"");
