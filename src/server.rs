@@ -235,8 +235,10 @@ async fn connection(
     let mut tls = match accepted {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
+            // A rejection like any other (a client certificate missing or from another CA,
+            // or no TLS at all); status 0: closed without an HTTP answer.
             shared.metrics.handshake("tls_failed");
-            tracing::debug!(event = "tls_failed", client_ip = %peer_ip, error = %e);
+            tracing::info!(event = "rejected", client_ip = %peer_ip, reason = "tls_failed", status = 0, error = %e);
             return;
         }
         Err(_) => {

@@ -224,6 +224,36 @@ async fn plain_http_passes_through_scrubbed_and_a_dead_backend_is_502() {
 }
 
 #[tokio::test]
+async fn client_ca_requires_a_client_certificate_from_that_ca() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let ca = pki.dir.path().join("ca.pem");
+    let cfg = config(backend.addr, "").replace("[backend]", &format!("client_ca = \"{}\"\n[backend]", ca.display()));
+    let proxy = Proxy::start(&pki, &cfg);
+    let upgrade = upgrade_request("");
+
+    // With a certificate from the CA: upgraded.
+    let tcp = tcp_from(&proxy, "127.0.0.1").await.unwrap();
+    let conn = tokio_rustls::TlsConnector::from(pki.client_config_with_cert());
+    let mut s = conn.connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+    s.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut got = vec![0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await.unwrap().unwrap();
+    assert_eq!(&got, b"HTTP/1.1 101");
+
+    // Without one: refused in the TLS handshake, logged and counted as tls_failed.
+    let resp = raw_request(&proxy, &pki, "127.0.0.1", upgrade.as_bytes()).await;
+    assert!(!resp.contains("101"), "{resp}");
+    assert!(handshakes(&proxy, "tls_failed").await >= 1.0);
+    let logged = || rejections(&proxy).iter().any(|r| r["reason"] == "tls_failed" && r["status"] == 0);
+    let end = Instant::now() + Duration::from_secs(3);
+    while !logged() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(logged(), "{}", proxy.log_text());
+}
+
+#[tokio::test]
 async fn plain_request_gets_426_and_malformed_upgrades_get_400() {
     let pki = Pki::new();
     let backend = Backend::start(Mode::Echo).await;

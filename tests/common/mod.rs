@@ -69,15 +69,26 @@ impl Pki {
     }
 
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        Arc::new(self.client_builder().with_no_client_auth())
+    }
+
+    /// A client config that presents a client certificate issued by this CA (for mTLS).
+    pub fn client_config_with_cert(&self) -> Arc<rustls::ClientConfig> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let p = rcgen::CertificateParams::new(vec!["client.test".to_string()]).unwrap();
+        let cert = p.signed_by(&key, &self.ca).unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        Arc::new(self.client_builder().with_client_auth_cert(vec![cert.der().clone()], key).unwrap())
+    }
+
+    fn client_builder(&self) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
         let mut roots = rustls::RootCertStore::empty();
         let ca = rustls_pki_types::CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).unwrap();
         roots.add(ca).unwrap();
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)
-            .with_no_client_auth();
-        Arc::new(cfg)
     }
 }
 
