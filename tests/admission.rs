@@ -254,6 +254,38 @@ async fn client_ca_requires_a_client_certificate_from_that_ca() {
 }
 
 #[tokio::test]
+async fn sni_picks_exact_and_wildcard_certificates_and_falls_back_to_the_default() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let (chat_c, chat_k) = pki.issue_for("chat", &["chat.example.com"]);
+    let (wild_c, wild_k) = pki.issue_for("wild", &["*.example.org"]);
+    let sni = format!(
+        "[[tls.sni]]\nserver_names = [\"chat.example.com\"]\ncert = \"{}\"\nkey = \"{}\"\n\
+         [[tls.sni]]\nserver_names = [\"*.example.org\"]\ncert = \"{}\"\nkey = \"{}\"\n[backend]",
+        chat_c.display(),
+        chat_k.display(),
+        wild_c.display(),
+        wild_k.display()
+    );
+    let proxy = Proxy::start(&pki, &config(backend.addr, "").replace("[backend]", &sni));
+    // The client verifies the certificate against the name it sent: a handshake that
+    // succeeds saw a certificate for that name.
+    let handshake = |name: &'static str| {
+        let addr = proxy.addr;
+        let cc = pki.client_config();
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let conn = tokio_rustls::TlsConnector::from(cc);
+            conn.connect(rustls_pki_types::ServerName::try_from(name).unwrap(), tcp).await.is_ok()
+        }
+    };
+    assert!(handshake("chat.example.com").await, "exact SNI name");
+    assert!(handshake("CHAT.example.com").await, "SNI is case-insensitive");
+    assert!(handshake("a.example.org").await, "wildcard");
+    assert!(handshake("localhost").await, "a name no SNI entry has: the [tls] certificate");
+}
+
+#[tokio::test]
 async fn plain_request_gets_426_and_malformed_upgrades_get_400() {
     let pki = Pki::new();
     let backend = Backend::start(Mode::Echo).await;

@@ -68,6 +68,18 @@ impl Pki {
         self.serial = serial.to_vec();
     }
 
+    /// Issues a server certificate for `names` into `<stem>.pem` / `<stem>.key` in the
+    /// PKI's directory; returns their paths.
+    pub fn issue_for(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let p = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let cert = p.signed_by(&key, &self.ca).unwrap();
+        let (c, k) = (self.dir.path().join(format!("{stem}.pem")), self.dir.path().join(format!("{stem}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         Arc::new(self.client_builder().with_no_client_auth())
     }
