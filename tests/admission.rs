@@ -97,6 +97,21 @@ fn rejections(proxy: &Proxy) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Whether a rejection with this reason and status is logged within 3 s (the log is captured
+/// by another thread).
+async fn rejection_logged(proxy: &Proxy, reason: &str, status: u64) -> bool {
+    let end = Instant::now() + Duration::from_secs(3);
+    loop {
+        if rejections(proxy).iter().any(|r| r["reason"] == reason && r["status"] == status) {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn echo(ws: &mut Client, text: &str) {
     ws.send(Message::Text(text.into())).await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
@@ -147,28 +162,40 @@ async fn read_http_head(tcp: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).to_string()
 }
 
-#[tokio::test]
-async fn many_short_headers_under_16_kib_pass() {
-    // A raw backend that takes any number of headers (tungstenite's parser stops at 124),
-    // answers the upgrade and hands over the head it got, byte for byte.
+/// A raw backend for one connection: reads the request head, writes `reply(head)`, and hands
+/// the head over byte for byte. Later connections find nobody listening.
+async fn raw_backend_once(
+    reply: impl FnOnce(&str) -> String + Send + 'static,
+) -> (SocketAddr, tokio::sync::oneshot::Receiver<String>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (head_tx, head_rx) = tokio::sync::oneshot::channel::<String>();
     tokio::spawn(async move {
         let (mut tcp, _) = listener.accept().await.unwrap();
-        let text = read_http_head(&mut tcp).await;
-        let key = text
+        drop(listener);
+        let head = read_http_head(&mut tcp).await;
+        tcp.write_all(reply(&head).as_bytes()).await.unwrap();
+        let _ = head_tx.send(head);
+        let _ = tcp.read(&mut [0u8; 64]).await;
+    });
+    (addr, head_rx)
+}
+
+#[tokio::test]
+async fn many_short_headers_under_16_kib_pass() {
+    // A raw backend: tungstenite's parser stops at 124 headers, and the test needs the head
+    // byte for byte.
+    let (addr, head_rx) = raw_backend_once(|head| {
+        let key = head
             .lines()
             .find_map(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:").then(|| l[18..].trim().to_string()))
             .unwrap();
-        let resp = format!(
+        format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
             wsgate::upstream::accept_key(key.as_bytes())
-        );
-        tcp.write_all(resp.as_bytes()).await.unwrap();
-        let _ = head_tx.send(text);
-        let _ = tcp.read(&mut [0u8; 64]).await;
-    });
+        )
+    })
+    .await;
     let pki = Pki::new();
     let proxy = Proxy::start(&pki, &config(addr, ""));
     // Only the size of the head counts: 300 short headers (about 3 KiB) pass.
@@ -184,17 +211,8 @@ async fn many_short_headers_under_16_kib_pass() {
 
 #[tokio::test]
 async fn plain_http_passes_through_scrubbed_and_a_dead_backend_is_502() {
-    // A raw HTTP backend that answers one request and hands over the head it got.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (head_tx, head_rx) = tokio::sync::oneshot::channel::<String>();
-    tokio::spawn(async move {
-        let (mut tcp, _) = listener.accept().await.unwrap();
-        drop(listener); // later requests find nobody listening
-        let head = read_http_head(&mut tcp).await;
-        tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await.unwrap();
-        let _ = head_tx.send(head);
-    });
+    let (addr, head_rx) =
+        raw_backend_once(|_| "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".to_string()).await;
     let pki = Pki::new();
     let cfg = config(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"1s\"\nhttp = \"proxy\"");
     let proxy = Proxy::start(&pki, &cfg);
@@ -214,13 +232,7 @@ async fn plain_http_passes_through_scrubbed_and_a_dead_backend_is_502() {
     let resp = raw_request(&proxy, &pki, "127.0.0.1", req.as_bytes()).await;
     assert_eq!(status_of(&resp), 502, "{resp}");
     assert!(handshakes(&proxy, "backend_unreachable").await >= 1.0);
-    // The log is captured by another thread: give it a moment.
-    let logged = || rejections(&proxy).iter().any(|r| r["reason"] == "backend_unreachable" && r["status"] == 502);
-    let end = Instant::now() + Duration::from_secs(3);
-    while !logged() && Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(logged(), "{}", proxy.log_text());
+    assert!(rejection_logged(&proxy, "backend_unreachable", 502).await, "{}", proxy.log_text());
 }
 
 #[tokio::test]
@@ -245,12 +257,7 @@ async fn client_ca_requires_a_client_certificate_from_that_ca() {
     let resp = raw_request(&proxy, &pki, "127.0.0.1", upgrade.as_bytes()).await;
     assert!(!resp.contains("101"), "{resp}");
     assert!(handshakes(&proxy, "tls_failed").await >= 1.0);
-    let logged = || rejections(&proxy).iter().any(|r| r["reason"] == "tls_failed" && r["status"] == 0);
-    let end = Instant::now() + Duration::from_secs(3);
-    while !logged() && Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(logged(), "{}", proxy.log_text());
+    assert!(rejection_logged(&proxy, "tls_failed", 0).await, "{}", proxy.log_text());
 }
 
 #[tokio::test]
