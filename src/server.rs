@@ -183,6 +183,18 @@ async fn reject<S: AsyncWrite + Unpin>(shared: &Shared, io: &mut S, client_ip: I
     respond(io, r.status, &r.headers).await;
 }
 
+/// The answer to a backend that failed (502, or 504 when too slow), counted in
+/// `wsgate_backend_connect_errors_total` and logged with its detail; the caller answers it.
+fn backend_failed(shared: &Shared, client_ip: IpAddr, e: UpstreamError) -> Rejection {
+    let (status, reason, detail) = match e {
+        UpstreamError::Unreachable(d) => (StatusCode::BAD_GATEWAY, "backend_unreachable", d),
+        UpstreamError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "backend_timeout", "timed out".into()),
+    };
+    shared.metrics.backend_errors.get_or_create(&crate::metrics::ResultLabel { result: reason }).inc();
+    tracing::warn!(event = "backend_error", client_ip = %client_ip, error = %detail);
+    Rejection::new(status, reason)
+}
+
 /// Runs a phase before the upgrade request is complete; `None` when the drain starts first.
 /// Connections that are not sessions yet (port scans, slow or half-sent requests) must not
 /// hold the exit back until `handshake_timeout`: they are dropped without an answer.
@@ -300,13 +312,8 @@ async fn connection(
     let connected = match policy.upstream.handshake(&admitted.backend_request).await {
         Ok(c) => c,
         Err(e) => {
-            let (status, reason, detail) = match e {
-                UpstreamError::Unreachable(d) => (StatusCode::BAD_GATEWAY, "backend_unreachable", d),
-                UpstreamError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "backend_timeout", "timed out".into()),
-            };
-            shared.metrics.backend_errors.get_or_create(&crate::metrics::ResultLabel { result: reason }).inc();
-            tracing::warn!(event = "backend_error", client_ip = %client_ip, error = %detail);
-            return reject(&shared, &mut tls, client_ip, start, Rejection::new(status, reason)).await;
+            let r = backend_failed(&shared, client_ip, e);
+            return reject(&shared, &mut tls, client_ip, start, r).await;
         }
     };
     if shared.shutdown.is_cancelled() {

@@ -5,6 +5,7 @@
 use super::Head;
 use crate::admission::{self, client_ip, token};
 use crate::state::{Policy, Shared};
+use crate::upstream::UpstreamError;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
@@ -111,9 +112,7 @@ where
 async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_ip: IpAddr) -> Response<Body> {
     let client_ip = client_ip::client_ip(peer_ip, req.headers(), &policy.trusted);
     if let Err(r) = admission::check_rate(shared, policy, client_ip) {
-        shared.metrics.handshake(r.reason);
-        tracing::info!(event = "rejected", client_ip = %client_ip, reason = r.reason, status = r.status.as_u16(), passthrough = true);
-        return plain(r.status, &r.headers);
+        return rejected(shared, client_ip, r);
     }
     if req.headers().contains_key(hyper::header::UPGRADE) {
         return plain(StatusCode::BAD_REQUEST, &[]);
@@ -144,34 +143,32 @@ async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_i
     let Ok(out) = out.body(body) else { return plain(StatusCode::BAD_REQUEST, &[]) };
 
     // A backend failure is answered, logged and counted like the upgrade path's 502/504.
-    let failed = |timed_out: bool| {
-        let (status, reason) = match timed_out {
-            false => (StatusCode::BAD_GATEWAY, "backend_unreachable"),
-            true => (StatusCode::GATEWAY_TIMEOUT, "backend_timeout"),
-        };
-        shared.metrics.handshake(reason);
-        shared.metrics.backend_errors.get_or_create(&crate::metrics::ResultLabel { result: reason }).inc();
-        tracing::info!(event = "rejected", client_ip = %client_ip, reason, status = status.as_u16(), passthrough = true);
-        plain(status, &[])
-    };
+    let failed = |e: UpstreamError| rejected(shared, client_ip, super::backend_failed(shared, client_ip, e));
     let stream = match tokio::time::timeout(policy.upstream.timeout, policy.upstream.connect_stream()).await {
         Ok(Ok(s)) => s,
-        Ok(Err(_)) => return failed(false),
-        Err(_) => return failed(true),
+        Ok(Err(e)) => return failed(e),
+        Err(_) => return failed(UpstreamError::Timeout),
     };
     // Title-case names like the upgrade path (`X-Forwarded-For`): legacy servers may match
     // header names byte for byte.
     let handshake = hyper::client::conn::http1::Builder::new().title_case_headers(true).handshake(TokioIo::new(stream));
     let (mut sender, conn) = match handshake.await {
         Ok(x) => x,
-        Err(_) => return failed(false),
+        Err(e) => return failed(UpstreamError::Unreachable(format!("HTTP handshake: {e}"))),
     };
     tokio::spawn(async move {
         let _ = conn.await;
     });
     match tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(out)).await {
         Ok(Ok(resp)) => resp.map(|b| b.boxed()),
-        Ok(Err(_)) => failed(false),
-        Err(_) => failed(true),
+        Ok(Err(e)) => failed(UpstreamError::Unreachable(format!("request: {e}"))),
+        Err(_) => failed(UpstreamError::Timeout),
     }
+}
+
+/// Logs and counts a refused passthrough request, and answers it.
+fn rejected(shared: &Shared, client_ip: IpAddr, r: super::Rejection) -> Response<Body> {
+    shared.metrics.handshake(r.reason);
+    tracing::info!(event = "rejected", client_ip = %client_ip, reason = r.reason, status = r.status.as_u16(), passthrough = true);
+    plain(r.status, &r.headers)
 }
