@@ -7,12 +7,14 @@
 //! the relay. Plain HTTP passthrough (`backend.http = "proxy"`) is served by hyper, see
 //! [`crate::server::passthrough`].
 
+mod client_socket;
 mod passthrough;
 mod pending_log;
 
 use crate::admission::{self, client_ip, proxy_protocol, Rejection};
 use crate::state::Shared;
 use crate::upstream::{self, UpstreamError};
+use client_socket::ClientSocket;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::StatusCode;
 use std::io;
@@ -240,12 +242,17 @@ async fn connection(
         }
     }
 
-    let Some(accepted) = or_drain(&shared, tokio::time::timeout_at(deadline.into(), policy.acceptor.accept(tcp))).await
+    let Some(accepted) =
+        or_drain(&shared, tokio::time::timeout_at(deadline.into(), policy.acceptor.accept(ClientSocket::new(tcp))))
+            .await
     else {
         return;
     };
     let mut tls = match accepted {
-        Ok(Ok(s)) => s,
+        Ok(Ok(mut s)) => {
+            s.get_mut().0.handshake_done();
+            s
+        }
         Ok(Err(e)) => {
             // A rejection like any other (a client certificate missing or from another CA,
             // or no TLS at all); status 0: closed without an HTTP answer.
@@ -363,7 +370,7 @@ async fn connection(
 
 /// An admitted session: both sockets, its policy, and the permits it holds until it ends.
 struct Session {
-    client: tokio_rustls::server::TlsStream<TcpStream>,
+    client: tokio_rustls::server::TlsStream<ClientSocket>,
     client_pre: Vec<u8>,
     backend: upstream::BackendStream,
     backend_pre: Vec<u8>,

@@ -253,11 +253,55 @@ async fn client_ca_requires_a_client_certificate_from_that_ca() {
     tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await.unwrap().unwrap();
     assert_eq!(&got, b"HTTP/1.1 101");
 
-    // Without one: refused in the TLS handshake, logged and counted as tls_failed.
-    let resp = raw_request(&proxy, &pki, "127.0.0.1", upgrade.as_bytes()).await;
-    assert!(!resp.contains("101"), "{resp}");
+    // Without one: refused in the TLS handshake with the alert that says why, logged and
+    // counted as tls_failed.
+    let tcp = tcp_from(&proxy, "127.0.0.1").await.unwrap();
+    let conn = tokio_rustls::TlsConnector::from(pki.client_config());
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    // TLS 1.3: the client's side of the handshake completes before the server has judged it.
+    let mut s = conn.connect(name, tcp).await.expect("client side of a TLS 1.3 handshake");
+    let _ = s.write_all(upgrade.as_bytes()).await;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.unwrap();
+    let err = read.expect_err("a refused handshake must end in an error");
+    assert!(err.to_string().contains("CertificateRequired"), "no alert, but: {err}");
+    assert!(!String::from_utf8_lossy(&out).contains("101"));
     assert!(handshakes(&proxy, "tls_failed").await >= 1.0);
     assert!(rejection_logged(&proxy, "tls_failed", 0).await, "{}", proxy.log_text());
+}
+
+#[tokio::test]
+async fn tls13_session_tickets_come_with_the_first_response_and_resume_the_next_session() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    // One client config for both connections: its session store keeps the tickets.
+    let cc = pki.client_config();
+    let connect = || {
+        let (addr, cc) = (proxy.addr, cc.clone());
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            tokio_rustls::TlsConnector::from(cc).connect(name, tcp).await.unwrap()
+        }
+    };
+
+    let mut s = connect().await;
+    assert_eq!(s.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    // The handshake is over for the client, yet nothing more is on the wire: the tickets
+    // wait for the response instead of costing a packet of their own.
+    let mut b = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), s.get_ref().0.peek(&mut b)).await;
+    assert!(early.is_err(), "the proxy wrote before the request");
+    s.write_all(upgrade_request("").as_bytes()).await.unwrap();
+    let mut got = vec![0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await.unwrap().unwrap();
+    assert_eq!(&got, b"HTTP/1.1 101");
+    drop(s);
+
+    // The tickets arrived with the 101: the next connection is resumed.
+    let s = connect().await;
+    assert_eq!(s.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
 }
 
 #[tokio::test]

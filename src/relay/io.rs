@@ -21,13 +21,13 @@ pub trait RelayIo: AsyncRead + AsyncWrite + Unpin {
 
 impl RelayIo for TcpStream {}
 
-impl RelayIo for tokio_rustls::server::TlsStream<TcpStream> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> RelayIo for tokio_rustls::server::TlsStream<IO> {
     fn buffer_last(&mut self, last: &[u8]) -> usize {
         tls_buffer_last(self.get_mut().1, last)
     }
 }
 
-impl RelayIo for tokio_rustls::client::TlsStream<TcpStream> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> RelayIo for tokio_rustls::client::TlsStream<IO> {
     fn buffer_last(&mut self, last: &[u8]) -> usize {
         tls_buffer_last(self.get_mut().1, last)
     }
