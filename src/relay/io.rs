@@ -17,6 +17,13 @@ pub trait RelayIo: AsyncRead + AsyncWrite + Unpin {
     fn buffer_last(&mut self, _last: &[u8]) -> usize {
         0
     }
+
+    /// Whether the stream ends with a message of its own (TLS `close_notify`) that only
+    /// [`RelayIo::buffer_last`] or a shutdown sends. Plain TCP has none: closing the socket
+    /// sends its FIN, so a shutdown before the close adds nothing on the wire.
+    fn has_end_message(&self) -> bool {
+        false
+    }
 }
 
 impl RelayIo for TcpStream {}
@@ -25,11 +32,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> RelayIo for tokio_rustls::server::TlsSt
     fn buffer_last(&mut self, last: &[u8]) -> usize {
         tls_buffer_last(self.get_mut().1, last)
     }
+
+    fn has_end_message(&self) -> bool {
+        true
+    }
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> RelayIo for tokio_rustls::client::TlsStream<IO> {
     fn buffer_last(&mut self, last: &[u8]) -> usize {
         tls_buffer_last(self.get_mut().1, last)
+    }
+
+    fn has_end_message(&self) -> bool {
+        true
     }
 }
 

@@ -134,6 +134,8 @@ struct Side<S> {
     close_sent: bool,
     /// The socket failed or hit EOF.
     dead: bool,
+    /// The stream's end message (TLS `close_notify`) was queued with the last output.
+    end_queued: bool,
 }
 
 impl<S: RelayIo> Side<S> {
@@ -149,6 +151,7 @@ impl<S: RelayIo> Side<S> {
             read_done: false,
             close_sent: false,
             dead: false,
+            end_queued: false,
         }
     }
 
@@ -196,6 +199,7 @@ impl<S: RelayIo> Side<S> {
             // its close_notify in one write (the shutdown that follows finds nothing to add).
             let n = self.io.buffer_last(&self.wbuf);
             if n > 0 {
+                self.end_queued = n == self.wbuf.len();
                 self.wpos = n;
                 self.flush_pending = true;
                 moved = true;
@@ -233,6 +237,13 @@ impl<S: RelayIo> Side<S> {
     /// Whether the close handshake with this peer is over.
     fn finished(&self) -> bool {
         self.dead || (self.close_sent && self.read_done && self.pending_out() == 0 && !self.flush_pending)
+    }
+
+    /// Whether closing the socket still needs a shutdown first: output is queued, or the
+    /// stream's end message has not gone out. When not, dropping the socket sends the same
+    /// FIN, and the session saves the shutdown call and its timer.
+    fn needs_shutdown(&self) -> bool {
+        !self.dead && !(self.finished() && (self.end_queued || !self.io.has_end_message()))
     }
 }
 
@@ -602,22 +613,25 @@ where
     })
     .await;
 
-    // Best-effort graceful shutdown (TLS close_notify, FIN): a second at most, and never past
-    // the drain's deadline.
-    let mut bound = Duration::from_secs(1);
-    if let Some(d) = drain.deadline() {
-        bound = bound.min(d.saturating_duration_since(Instant::now()));
+    // Best-effort graceful shutdown (TLS close_notify, FIN) where the close alone would not
+    // end the stream properly: a second at most, and never past the drain's deadline.
+    let (client_shut, backend_shut) = (client.needs_shutdown(), backend.needs_shutdown());
+    if client_shut || backend_shut {
+        let mut bound = Duration::from_secs(1);
+        if let Some(d) = drain.deadline() {
+            bound = bound.min(d.saturating_duration_since(Instant::now()));
+        }
+        let _ = tokio::time::timeout(bound, async {
+            use tokio::io::AsyncWriteExt;
+            if client_shut {
+                let _ = client.io.shutdown().await;
+            }
+            if backend_shut {
+                let _ = backend.io.shutdown().await;
+            }
+        })
+        .await;
     }
-    let _ = tokio::time::timeout(bound, async {
-        use tokio::io::AsyncWriteExt;
-        if !client.dead {
-            let _ = client.io.shutdown().await;
-        }
-        if !backend.dead {
-            let _ = backend.io.shutdown().await;
-        }
-    })
-    .await;
 
     st.flush_metrics(traffic);
     let (code, initiator, reason) = st.end.unwrap_or((1006, Initiator::Proxy, "closed"));
