@@ -177,6 +177,13 @@ impl crate::relay::RelayIo for BackendStream {
             BackendStream::Tls(s) => s.buffer_last(last),
         }
     }
+
+    fn has_end_message(&self) -> bool {
+        match self {
+            BackendStream::Plain(s) => s.has_end_message(),
+            BackendStream::Tls(s) => s.has_end_message(),
+        }
+    }
 }
 
 /// Everything needed to reach the backend, built once per config.

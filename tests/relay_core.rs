@@ -219,3 +219,71 @@ async fn close_reply_is_followed_by_a_clean_tls_end() {
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut rest)).await.expect("the proxy ends the stream");
     assert_eq!(n.expect("a clean TLS end (close_notify)"), 0);
 }
+
+/// A `wss://` echo backend serving the PKI's localhost certificate. Each session reports
+/// how its TLS stream ended after the close handshake: `Ok(())` for close_notify then EOF.
+async fn tls_echo_backend(pki: &Pki) -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<Result<(), String>>) {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::AsyncReadExt;
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(&pki.cert_path).unwrap().map(|c| c.unwrap()).collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&pki.key_path).unwrap();
+    let cfg =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tls).await else { return };
+                // Echo until the close handshake is over (tungstenite answers the close).
+                while let Some(Ok(m)) = ws.next().await {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                let mut rest = [0u8; 16];
+                let end = match tokio::time::timeout(Duration::from_secs(5), ws.get_mut().read(&mut rest)).await {
+                    Ok(Ok(0)) => Ok(()),
+                    Ok(Ok(n)) => Err(format!("{n} bytes after the close")),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("the proxy never ended the stream".to_string()),
+                };
+                let _ = tx.send(end).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn wss_backend_with_ca_file_relays_and_gets_a_clean_tls_end() {
+    let pki = Pki::new();
+    let (addr, mut ends) = tls_echo_backend(&pki).await;
+    let ca = pki.dir.path().join("ca.pem");
+    let wss = format!("url = \"wss://localhost:{}\"\nca_file = \"{}\"", addr.port(), ca.display());
+    let proxy = Proxy::start(&pki, &config(addr, "").replace(&format!("url = \"ws://{addr}\""), &wss));
+
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    ws.send(Message::Text("over wss".into())).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(got, Message::Text("over wss".into()));
+    ws.send(close_frame(1000, "bye")).await.unwrap();
+    assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await.map(|c| c.0), Some(1000));
+    let end = tokio::time::timeout(Duration::from_secs(5), ends.recv()).await.unwrap().unwrap();
+    assert_eq!(end, Ok(()), "the backend's TLS stream did not end with close_notify");
+
+    // The same backend without `ca_file`: its certificate is not in the system roots (502).
+    let untrusted = format!("url = \"wss://localhost:{}\"", addr.port());
+    let proxy = Proxy::start(&pki, &config(addr, "").replace(&format!("url = \"ws://{addr}\""), &untrusted));
+    let refused = connect(&proxy, &pki).go().await.expect_err("an untrusted backend certificate");
+    assert_eq!(refused.status(), 502);
+}

@@ -1,5 +1,6 @@
-//! The sockets the relay drives, and the one thing it needs from them beyond reading and
-//! writing: ending a TLS stream's output in the same write as its last bytes.
+//! The sockets the relay drives, and what it needs from them beyond reading and writing:
+//! ending a TLS stream's output in the same write as its last bytes, and knowing whether
+//! closing the socket alone ends the stream properly.
 
 use std::io::Write;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -20,13 +21,16 @@ pub trait RelayIo: AsyncRead + AsyncWrite + Unpin {
 
     /// Whether the stream ends with a message of its own (TLS `close_notify`) that only
     /// [`RelayIo::buffer_last`] or a shutdown sends. Plain TCP has none: closing the socket
-    /// sends its FIN, so a shutdown before the close adds nothing on the wire.
+    /// sends its FIN, so a shutdown before the close adds nothing on the wire. (No default:
+    /// a TLS stream that said `false` would lose its `close_notify`.)
+    fn has_end_message(&self) -> bool;
+}
+
+impl RelayIo for TcpStream {
     fn has_end_message(&self) -> bool {
         false
     }
 }
-
-impl RelayIo for TcpStream {}
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> RelayIo for tokio_rustls::server::TlsStream<IO> {
     fn buffer_last(&mut self, last: &[u8]) -> usize {
