@@ -579,6 +579,67 @@ async fn certificate_swapped_on_disk_is_served_after_reload() {
     );
 }
 
+/// The certificate the proxy serves for `name` (SNI), as DER.
+async fn served_for(proxy: &Proxy, pki: &Pki, name: &'static str) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let conn = tokio_rustls::TlsConnector::from(pki.client_config());
+    let tls = conn.connect(rustls_pki_types::ServerName::try_from(name).unwrap(), tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().expect("no peer certificate")[0].to_vec()
+}
+
+/// Sends an upgrade over TLS with this client config; returns the first bytes of the answer
+/// or the error that ended the stream.
+async fn upgrade_with(proxy: &Proxy, cc: std::sync::Arc<rustls::ClientConfig>) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(cc).connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let req = format!(
+        "GET /chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {ORIGIN}\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        token("mtls", 600)
+    );
+    s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut got = vec![0u8; 12];
+    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await {
+        Ok(Ok(_)) => Ok(got),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer".to_string()),
+    }
+}
+
+#[tokio::test]
+async fn reload_reads_sni_certificates_again_and_applies_client_ca() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let (chat_c, chat_k) = pki.issue_for("chat", &["chat.example.com"]);
+    let sni = format!(
+        "[[tls.sni]]\nserver_names = [\"chat.example.com\"]\ncert = \"{}\"\nkey = \"{}\"\n[backend]",
+        chat_c.display(),
+        chat_k.display()
+    );
+    let proxy = Proxy::start(&pki, &config(backend.addr, "").replace("[backend]", &sni));
+    let first = served_for(&proxy, &pki, "chat.example.com").await;
+
+    // The SNI certificate renewed on disk (new key and serial): served after the reload.
+    pki.issue_for("chat", &["chat.example.com"]);
+    assert_eq!(served_for(&proxy, &pki, "chat.example.com").await, first, "no reload yet");
+    reload(&proxy, "ok").await;
+    let renewed = served_for(&proxy, &pki, "chat.example.com").await;
+    assert_ne!(renewed, first, "the renewed SNI certificate is not served");
+    assert_eq!(renewed, rustls_pki_types::CertificateDer::from_pem_file(&chat_c).unwrap().to_vec());
+
+    // client_ca added by a reload: new connections need a client certificate from that CA.
+    assert_eq!(upgrade_with(&proxy, pki.client_config()).await.as_deref(), Ok(&b"HTTP/1.1 101"[..]));
+    let ca = pki.dir.path().join("ca.pem");
+    edit_config(&proxy, "[tls]\n", &format!("[tls]\nclient_ca = \"{}\"\n", ca.display()));
+    reload(&proxy, "ok").await;
+    let refused = upgrade_with(&proxy, pki.client_config()).await;
+    assert!(refused.as_ref().is_err_and(|e| e.contains("CertificateRequired")), "{refused:?}");
+    assert_eq!(upgrade_with(&proxy, pki.client_config_with_cert()).await.as_deref(), Ok(&b"HTTP/1.1 101"[..]));
+}
+
 // ---------------------------------------------------------------------------------------------
 // systemd notifications
 
