@@ -185,3 +185,31 @@ pub fn client_config(ca_file: Option<&Path>, key: &str) -> Result<Arc<rustls::Cl
         .with_no_client_auth();
     Ok(Arc::new(cfg))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `server::client_socket` holds handshake-time encrypted records back until the first
+    /// response. That is only safe while the server sends nothing encrypted of its own accord
+    /// between its flight and the client's Finished: no half-RTT data, no 0-RTT.
+    #[test]
+    fn server_config_sends_no_half_rtt_or_early_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let cfg = TlsConfig {
+            cert: cert_path,
+            key: key_path,
+            min_version: "1.2".to_string(),
+            client_ca: None,
+            sni: Vec::new(),
+        };
+        let loaded = build(&cfg).unwrap();
+        assert!(!loaded.config.send_half_rtt_data);
+        assert_eq!(loaded.config.max_early_data_size, 0);
+    }
+}

@@ -305,6 +305,44 @@ async fn tls13_session_tickets_come_with_the_first_response_and_resume_the_next_
 }
 
 #[tokio::test]
+async fn tls12_and_hello_retry_handshakes_reach_the_101() {
+    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let roots = || {
+        let mut r = rustls::RootCertStore::empty();
+        use rustls_pki_types::pem::PemObject;
+        r.add(rustls_pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap()).unwrap();
+        r
+    };
+    let tls12 = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots())
+        .with_no_client_auth();
+    // A first key share for a group the proxy does not offer (pure ML-KEM): it asks again.
+    let provider =
+        rustls::crypto::CryptoProvider { kx_groups: vec![kx_group::MLKEM768, kx_group::X25519], ..default_provider() };
+    let retry = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots())
+        .with_no_client_auth();
+    for (cc, kind) in [(tls12, rustls::HandshakeKind::Full), (retry, rustls::HandshakeKind::FullWithHelloRetryRequest)]
+    {
+        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cc)).connect(name, tcp).await.unwrap();
+        assert_eq!(s.get_ref().1.handshake_kind(), Some(kind));
+        s.write_all(upgrade_request("").as_bytes()).await.unwrap();
+        let mut got = vec![0u8; 12];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await.unwrap().unwrap();
+        assert_eq!(&got, b"HTTP/1.1 101", "{kind:?}");
+    }
+}
+
+#[tokio::test]
 async fn sni_picks_exact_and_wildcard_certificates_and_falls_back_to_the_default() {
     let pki = Pki::new();
     let backend = Backend::start(Mode::Echo).await;

@@ -220,6 +220,22 @@ async fn close_reply_is_followed_by_a_clean_tls_end() {
     assert_eq!(n.expect("a clean TLS end (close_notify)"), 0);
 }
 
+#[tokio::test]
+async fn a_close_the_proxy_starts_also_ends_tls_cleanly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, "max_frame_size = \"1KiB\""));
+    let mut s = raw_upgrade(&proxy, &pki).await;
+    s.write_all(&raw_frame(true, 0x1, true, &[b'a'; 2048])).await.unwrap();
+    let (op, payload) = read_raw_frame(&mut s).await.expect("the proxy's close");
+    assert_eq!(op, 0x8);
+    assert_eq!(&payload[..2], &1009u16.to_be_bytes());
+    let mut rest = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut rest)).await.expect("the proxy ends the stream");
+    assert_eq!(n.expect("a clean TLS end (close_notify)"), 0);
+}
+
 /// A `wss://` echo backend serving the PKI's localhost certificate. Each session reports
 /// how its TLS stream ended after the close handshake: `Ok(())` for close_notify then EOF.
 async fn tls_echo_backend(pki: &Pki) -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<Result<(), String>>) {
@@ -244,9 +260,12 @@ async fn tls_echo_backend(pki: &Pki) -> (std::net::SocketAddr, tokio::sync::mpsc
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
                 let Ok(mut ws) = tokio_tungstenite::accept_async(tls).await else { return };
-                // Echo until the close handshake is over (tungstenite answers the close).
+                // Echo until the close handshake is over (tungstenite answers the close);
+                // "close-me" makes the backend start it.
                 while let Some(Ok(m)) = ws.next().await {
-                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                    if m == Message::Text("close-me".into()) {
+                        let _ = ws.send(close_frame(4001, "backend closes")).await;
+                    } else if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
                         return;
                     }
                 }
@@ -280,6 +299,15 @@ async fn wss_backend_with_ca_file_relays_and_gets_a_clean_tls_end() {
     assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await.map(|c| c.0), Some(1000));
     let end = tokio::time::timeout(Duration::from_secs(5), ends.recv()).await.unwrap().unwrap();
     assert_eq!(end, Ok(()), "the backend's TLS stream did not end with close_notify");
+
+    // The backend starts the close: its stream ends cleanly too.
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    ws.send(Message::Text("close-me".into())).await.unwrap();
+    assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await.map(|c| c.0), Some(4001));
+    // Reading on lets tungstenite send its close reply.
+    let _ = tokio::time::timeout(Duration::from_secs(3), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    let end = tokio::time::timeout(Duration::from_secs(5), ends.recv()).await.unwrap().unwrap();
+    assert_eq!(end, Ok(()), "backend-initiated close: no close_notify");
 
     // The same backend without `ca_file`: its certificate is not in the system roots (502).
     let untrusted = format!("url = \"wss://localhost:{}\"", addr.port());

@@ -136,6 +136,8 @@ struct Side<S> {
     dead: bool,
     /// The stream's end message (TLS `close_notify`) was queued with the last output.
     end_queued: bool,
+    /// This peer's close frame was read (not a violation that stopped reading early).
+    close_read: bool,
 }
 
 impl<S: RelayIo> Side<S> {
@@ -152,6 +154,7 @@ impl<S: RelayIo> Side<S> {
             close_sent: false,
             dead: false,
             end_queued: false,
+            close_read: false,
         }
     }
 
@@ -239,11 +242,13 @@ impl<S: RelayIo> Side<S> {
         self.dead || (self.close_sent && self.read_done && self.pending_out() == 0 && !self.flush_pending)
     }
 
-    /// Whether closing the socket still needs a shutdown first: output is queued, or the
-    /// stream's end message has not gone out. When not, dropping the socket sends the same
-    /// FIN, and the session saves the shutdown call and its timer.
+    /// Whether closing the socket still needs a shutdown first: output is queued, the
+    /// stream's end message has not gone out, or reading stopped before the peer's close
+    /// (unread input turns a bare close into a reset; a shutdown sends the FIN first). When
+    /// not, dropping the socket sends the same FIN, and the session saves the shutdown call
+    /// and its timer.
     fn needs_shutdown(&self) -> bool {
-        !self.dead && !(self.finished() && (self.end_queued || !self.io.has_end_message()))
+        !self.dead && !(self.finished() && self.close_read && (self.end_queued || !self.io.has_end_message()))
     }
 }
 
@@ -703,6 +708,7 @@ where
     match turn.stop {
         Some(StopOwned::Close(payload)) => {
             src.read_done = true;
+            src.close_read = true;
             let code = if payload.len() >= 2 { u16::from_be_bytes([payload[0], payload[1]]) } else { 1005 };
             st.record_end(code, who, "", now);
             if !dst.close_sent {

@@ -11,11 +11,11 @@
 //! What is held, during the handshake only: a write made after the client's data was read,
 //! that starts with an encrypted (application data) record. In TLS 1.3 that can only be the
 //! tickets, or an alert when the handshake fails. The server's own flights start with a
-//! plaintext ServerHello or HelloRetryRequest, TLS 1.2's last flight with ChangeCipherSpec,
-//! and the rest of a flight the kernel took only in part is written before anything more is
-//! read, since the client waits for the whole flight. Held bytes leave in front of the next
-//! write, flush or shutdown, or on drop without blocking (so a failed handshake's alert is
-//! still sent).
+//! plaintext ServerHello or HelloRetryRequest, TLS 1.2's last flight with ChangeCipherSpec
+//! or a NewSessionTicket, and the rest of a flight the kernel took only in part is never held.
+//! (rustls sends no half-RTT data or early data here: `tls::build` leaves both off,
+//! and a unit test there keeps them off.) Held bytes leave in front of the next write, flush
+//! or shutdown, or on drop without blocking (so a failed handshake's alert is still sent).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -35,8 +35,10 @@ pub struct ClientSocket {
     tcp: TcpStream,
     /// Still inside the TLS handshake (until [`ClientSocket::handshake_done`]).
     handshaking: bool,
-    /// Handshake bookkeeping: something was written, and data was read after the last write.
+    /// Handshake bookkeeping: something was written, the last write went out whole, and
+    /// data was read after it.
     wrote: bool,
+    write_whole: bool,
     read_since_write: bool,
     /// Bytes held back, and how many of them have been sent.
     held: Vec<u8>,
@@ -46,7 +48,15 @@ pub struct ClientSocket {
 impl ClientSocket {
     /// Wraps an accepted connection whose TLS handshake has not started.
     pub fn new(tcp: TcpStream) -> Self {
-        ClientSocket { tcp, handshaking: true, wrote: false, read_since_write: false, held: Vec::new(), sent: 0 }
+        ClientSocket {
+            tcp,
+            handshaking: true,
+            wrote: false,
+            write_whole: false,
+            read_since_write: false,
+            held: Vec::new(),
+            sent: 0,
+        }
     }
 
     /// The handshake is over: writes are no longer held; what is held leaves with the next
@@ -58,7 +68,8 @@ impl ClientSocket {
     /// Whether this handshake-time write is held back instead of sent.
     fn holds(&self, first: &[u8]) -> bool {
         self.handshaking
-            && (!self.held.is_empty() || (self.wrote && self.read_since_write && first.starts_with(&APPLICATION_DATA)))
+            && (!self.held.is_empty()
+                || (self.wrote && self.write_whole && self.read_since_write && first.starts_with(&APPLICATION_DATA)))
     }
 
     /// Sends the held bytes; `Ready(Ok)` once none is left.
@@ -115,6 +126,12 @@ impl AsyncWrite for ClientSocket {
             }
             this.wrote = true;
             this.read_since_write = false;
+            // The rest of a flight the kernel took only in part is never held, whatever was
+            // read meanwhile.
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            let r = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+            this.write_whole = matches!(r, Poll::Ready(Ok(n)) if n == total);
+            return r;
         }
         // The held bytes go first, in the same writev as the caller's.
         while this.sent < this.held.len() {
