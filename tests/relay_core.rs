@@ -198,42 +198,38 @@ async fn plain_tcp_to_tls_port_fails_fast() {
     assert!(t0.elapsed() < Duration::from_secs(2));
 }
 
-/// After a close handshake the client gets the close reply and then a clean TLS end
-/// (`close_notify`, so a read returns 0), never a truncated stream; the proxy sends both in
-/// one write, which must not reorder them.
-#[tokio::test]
-async fn close_reply_is_followed_by_a_clean_tls_end() {
+/// Sends `frame` on a raw upgraded stream, reads the proxy's close frame and returns its
+/// code, after checking that the stream then ends cleanly: `close_notify`, so a read returns
+/// 0 (rustls reports a TCP end without it as an UnexpectedEof error).
+async fn close_code_then_clean_tls_end(extra_limits: &str, frame: &[u8]) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = Pki::new();
     let backend = Backend::start(Mode::Echo).await;
-    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    let proxy = Proxy::start(&pki, &config(backend.addr, extra_limits));
     let mut s = raw_upgrade(&proxy, &pki).await;
-    let mut close = 4000u16.to_be_bytes().to_vec();
-    close.extend_from_slice(b"done");
-    s.write_all(&raw_frame(true, 0x8, true, &close)).await.unwrap();
-    let (op, payload) = read_raw_frame(&mut s).await.expect("a close reply");
+    s.write_all(frame).await.unwrap();
+    let (op, payload) = read_raw_frame(&mut s).await.expect("a close frame");
     assert_eq!(op, 0x8);
-    assert_eq!(&payload[..2], &4000u16.to_be_bytes());
     let mut rest = [0u8; 16];
-    // rustls reports a TCP end without close_notify as an UnexpectedEof error.
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut rest)).await.expect("the proxy ends the stream");
     assert_eq!(n.expect("a clean TLS end (close_notify)"), 0);
+    u16::from_be_bytes([payload[0], payload[1]])
 }
 
+/// After a close handshake the client gets the close reply and then a clean TLS end, never a
+/// truncated stream; the proxy sends both in one write, which must not reorder them.
+#[tokio::test]
+async fn close_reply_is_followed_by_a_clean_tls_end() {
+    let mut close = 4000u16.to_be_bytes().to_vec();
+    close.extend_from_slice(b"done");
+    assert_eq!(close_code_then_clean_tls_end("", &raw_frame(true, 0x8, true, &close)).await, 4000);
+}
+
+/// A close the proxy starts (here 1009, a frame over the limit) ends TLS cleanly too.
 #[tokio::test]
 async fn a_close_the_proxy_starts_also_ends_tls_cleanly() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let pki = Pki::new();
-    let backend = Backend::start(Mode::Echo).await;
-    let proxy = Proxy::start(&pki, &config(backend.addr, "max_frame_size = \"1KiB\""));
-    let mut s = raw_upgrade(&proxy, &pki).await;
-    s.write_all(&raw_frame(true, 0x1, true, &[b'a'; 2048])).await.unwrap();
-    let (op, payload) = read_raw_frame(&mut s).await.expect("the proxy's close");
-    assert_eq!(op, 0x8);
-    assert_eq!(&payload[..2], &1009u16.to_be_bytes());
-    let mut rest = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut rest)).await.expect("the proxy ends the stream");
-    assert_eq!(n.expect("a clean TLS end (close_notify)"), 0);
+    let big = raw_frame(true, 0x1, true, &[b'a'; 2048]);
+    assert_eq!(close_code_then_clean_tls_end("max_frame_size = \"1KiB\"", &big).await, 1009);
 }
 
 /// A `wss://` echo backend serving the PKI's localhost certificate. Each session reports
