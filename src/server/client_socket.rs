@@ -5,8 +5,9 @@
 //! tokio-rustls flushes them before `accept` returns. They would leave in a write and a
 //! packet of their own, on every connection, just before the client's upgrade request
 //! arrives. Held here, they go out in the same write as the 101 (or the rejection): one
-//! syscall, one packet and one wake-up of the client less per connection. The client loses
-//! nothing: a ticket only matters for its next connection.
+//! syscall, one packet and one wake-up of the client less per connection. A ticket only
+//! matters for a later connection; the one cost is that a connection the client opens
+//! before this one's 101 arrives cannot resume with it.
 //!
 //! What is held, during the handshake only: a write made after the client's data was read,
 //! that starts with an encrypted (application data) record. In TLS 1.3 that can only be the
