@@ -160,6 +160,11 @@ pub fn build(cfg: &TlsConfig) -> Result<LoadedTls, ConfigError> {
     };
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // One TLS 1.3 ticket per connection, not rustls' two: a chat client holds one WebSocket
+    // at a time and its resumed connection gets a fresh ticket, and the 256-entry session
+    // cache then serves twice as many recent clients. Measured: 2 % less CPU per new session
+    // (bench/RESULTS.md).
+    config.send_tls13_tickets = 1;
     Ok(LoadedTls { config: Arc::new(config), certs })
 }
 

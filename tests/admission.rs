@@ -299,9 +299,15 @@ async fn tls13_session_tickets_come_with_the_first_response_and_resume_the_next_
     assert_eq!(&got, b"HTTP/1.1 101");
     drop(s);
 
-    // The tickets arrived with the 101: the next connection is resumed.
-    let s = connect().await;
-    assert_eq!(s.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+    // The ticket arrived with the 101: the next connection is resumed, and each resumed
+    // connection brings a fresh ticket for the one after it.
+    for _ in 0..2 {
+        let mut s = connect().await;
+        assert_eq!(s.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+        s.write_all(upgrade_request("").as_bytes()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await.unwrap().unwrap();
+        assert_eq!(&got, b"HTTP/1.1 101");
+    }
 }
 
 #[tokio::test]
