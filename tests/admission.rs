@@ -66,15 +66,6 @@ fn header_of(resp: &str, name: &str) -> Option<String> {
     })
 }
 
-fn upgrade_request(extra: &str) -> String {
-    format!(
-        "GET /chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {ORIGIN}\r\n\
-         Authorization: Bearer {}\r\n{extra}\r\n",
-        token("raw", 600)
-    )
-}
-
 /// The value of one series of a metric on /metrics (0 when absent).
 fn metric(text: &str, name: &str, label: &str) -> f64 {
     text.lines()
@@ -242,30 +233,16 @@ async fn client_ca_requires_a_client_certificate_from_that_ca() {
     let ca = pki.dir.path().join("ca.pem");
     let cfg = config(backend.addr, "").replace("[backend]", &format!("client_ca = \"{}\"\n[backend]", ca.display()));
     let proxy = Proxy::start(&pki, &cfg);
-    let upgrade = upgrade_request("");
 
     // With a certificate from the CA: upgraded.
-    let tcp = tcp_from(&proxy, "127.0.0.1").await.unwrap();
-    let conn = tokio_rustls::TlsConnector::from(pki.client_config_with_cert());
-    let mut s = conn.connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
-    s.write_all(upgrade.as_bytes()).await.unwrap();
-    let mut got = vec![0u8; 12];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await.unwrap().unwrap();
-    assert_eq!(&got, b"HTTP/1.1 101");
+    let mut s = tls_connect(&proxy, pki.client_config_with_cert(), "localhost").await.unwrap();
+    assert_eq!(send_upgrade(&mut s).await.as_deref(), Ok(&b"HTTP/1.1 101"[..]));
 
     // Without one: refused in the TLS handshake with the alert that says why, logged and
-    // counted as tls_failed.
-    let tcp = tcp_from(&proxy, "127.0.0.1").await.unwrap();
-    let conn = tokio_rustls::TlsConnector::from(pki.client_config());
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    // TLS 1.3: the client's side of the handshake completes before the server has judged it.
-    let mut s = conn.connect(name, tcp).await.expect("client side of a TLS 1.3 handshake");
-    let _ = s.write_all(upgrade.as_bytes()).await;
-    let mut out = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.unwrap();
-    let err = read.expect_err("a refused handshake must end in an error");
-    assert!(err.to_string().contains("CertificateRequired"), "no alert, but: {err}");
-    assert!(!String::from_utf8_lossy(&out).contains("101"));
+    // counted as tls_failed. (TLS 1.3: the client's side of the handshake completes first.)
+    let mut s = tls_connect(&proxy, pki.client_config(), "localhost").await.expect("client side of the handshake");
+    let refused = send_upgrade(&mut s).await;
+    assert!(refused.as_ref().is_err_and(|e| e.contains("CertificateRequired")), "no alert, but: {refused:?}");
     assert!(handshakes(&proxy, "tls_failed").await >= 1.0);
     assert!(rejection_logged(&proxy, "tls_failed", 0).await, "{}", proxy.log_text());
 }
@@ -275,38 +252,25 @@ async fn tls13_session_tickets_come_with_the_first_response_and_resume_the_next_
     let pki = Pki::new();
     let backend = Backend::start(Mode::Echo).await;
     let proxy = Proxy::start(&pki, &config(backend.addr, ""));
-    // One client config for both connections: its session store keeps the tickets.
+    // One client config for all connections: its session store keeps the tickets.
     let cc = pki.client_config();
-    let connect = || {
-        let (addr, cc) = (proxy.addr, cc.clone());
-        async move {
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-            tokio_rustls::TlsConnector::from(cc).connect(name, tcp).await.unwrap()
-        }
-    };
 
-    let mut s = connect().await;
+    let mut s = tls_connect(&proxy, cc.clone(), "localhost").await.unwrap();
     assert_eq!(s.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
-    // The handshake is over for the client, yet nothing more is on the wire: the tickets
-    // wait for the response instead of costing a packet of their own.
+    // The handshake is over for the client, yet nothing more is on the wire: the ticket
+    // waits for the response instead of costing a packet of its own.
     let mut b = [0u8; 1];
     let early = tokio::time::timeout(Duration::from_millis(300), s.get_ref().0.peek(&mut b)).await;
     assert!(early.is_err(), "the proxy wrote before the request");
-    s.write_all(upgrade_request("").as_bytes()).await.unwrap();
-    let mut got = vec![0u8; 12];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await.unwrap().unwrap();
-    assert_eq!(&got, b"HTTP/1.1 101");
+    assert_eq!(send_upgrade(&mut s).await.as_deref(), Ok(&b"HTTP/1.1 101"[..]));
     drop(s);
 
     // The ticket arrived with the 101: the next connection is resumed, and each resumed
     // connection brings a fresh ticket for the one after it.
     for _ in 0..2 {
-        let mut s = connect().await;
+        let mut s = tls_connect(&proxy, cc.clone(), "localhost").await.unwrap();
         assert_eq!(s.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
-        s.write_all(upgrade_request("").as_bytes()).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await.unwrap().unwrap();
-        assert_eq!(&got, b"HTTP/1.1 101");
+        assert_eq!(send_upgrade(&mut s).await.as_deref(), Ok(&b"HTTP/1.1 101"[..]));
     }
 }
 
@@ -337,14 +301,9 @@ async fn tls12_and_hello_retry_handshakes_reach_the_101() {
         .with_no_client_auth();
     for (cc, kind) in [(tls12, rustls::HandshakeKind::Full), (retry, rustls::HandshakeKind::FullWithHelloRetryRequest)]
     {
-        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cc)).connect(name, tcp).await.unwrap();
+        let mut s = tls_connect(&proxy, std::sync::Arc::new(cc), "localhost").await.unwrap();
         assert_eq!(s.get_ref().1.handshake_kind(), Some(kind));
-        s.write_all(upgrade_request("").as_bytes()).await.unwrap();
-        let mut got = vec![0u8; 12];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await.unwrap().unwrap();
-        assert_eq!(&got, b"HTTP/1.1 101", "{kind:?}");
+        assert_eq!(send_upgrade(&mut s).await.as_deref(), Ok(&b"HTTP/1.1 101"[..]), "{kind:?}");
     }
 }
 
@@ -366,13 +325,8 @@ async fn sni_picks_exact_and_wildcard_certificates_and_falls_back_to_the_default
     // The client verifies the certificate against the name it sent: a handshake that
     // succeeds saw a certificate for that name.
     let handshake = |name: &'static str| {
-        let addr = proxy.addr;
-        let cc = pki.client_config();
-        async move {
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            let conn = tokio_rustls::TlsConnector::from(cc);
-            conn.connect(rustls_pki_types::ServerName::try_from(name).unwrap(), tcp).await.is_ok()
-        }
+        let (proxy, cc) = (&proxy, pki.client_config());
+        async move { tls_connect(proxy, cc, name).await.is_ok() }
     };
     assert!(handshake("chat.example.com").await, "exact SNI name");
     assert!(handshake("CHAT.example.com").await, "SNI is case-insensitive");

@@ -581,32 +581,14 @@ async fn certificate_swapped_on_disk_is_served_after_reload() {
 
 /// The certificate the proxy serves for `name` (SNI), as DER.
 async fn served_for(proxy: &Proxy, pki: &Pki, name: &'static str) -> Vec<u8> {
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let conn = tokio_rustls::TlsConnector::from(pki.client_config());
-    let tls = conn.connect(rustls_pki_types::ServerName::try_from(name).unwrap(), tcp).await.unwrap();
+    let tls = tls_connect(proxy, pki.client_config(), name).await.unwrap();
     tls.get_ref().1.peer_certificates().expect("no peer certificate")[0].to_vec()
 }
 
-/// Sends an upgrade over TLS with this client config; returns the first bytes of the answer
-/// or the error that ended the stream.
+/// Upgrades over TLS with this client config: the answer's first bytes or the error.
 async fn upgrade_with(proxy: &Proxy, cc: std::sync::Arc<rustls::ClientConfig>) -> Result<Vec<u8>, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(cc).connect(name, tcp).await.map_err(|e| e.to_string())?;
-    let req = format!(
-        "GET /chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {ORIGIN}\r\n\
-         Authorization: Bearer {}\r\n\r\n",
-        token("mtls", 600)
-    );
-    s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
-    let mut got = vec![0u8; 12];
-    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await {
-        Ok(Ok(_)) => Ok(got),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer".to_string()),
-    }
+    let mut s = tls_connect(proxy, cc, "localhost").await.map_err(|e| e.to_string())?;
+    send_upgrade(&mut s).await
 }
 
 #[tokio::test]

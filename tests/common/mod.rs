@@ -553,20 +553,53 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// A raw TLS connection to the proxy (for hand-written requests and frames).
 pub async fn raw_tls(proxy: &Proxy, pki: &Pki) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let conn = tokio_rustls::TlsConnector::from(pki.client_config());
-    conn.connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp).await.unwrap()
+    tls_connect(proxy, pki.client_config(), "localhost").await.unwrap()
+}
+
+/// A TLS connection to the proxy with this client config, sending `name` as SNI. With
+/// TLS 1.3 it completes before the proxy has judged the client's side (a missing client
+/// certificate shows on the first read).
+pub async fn tls_connect(
+    proxy: &Proxy,
+    cc: Arc<rustls::ClientConfig>,
+    name: &'static str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(proxy.addr).await?;
+    let name = rustls_pki_types::ServerName::try_from(name).map_err(std::io::Error::other)?;
+    tokio_rustls::TlsConnector::from(cc).connect(name, tcp).await
+}
+
+/// A hand-written upgrade request for /chat with the allowed Origin, a valid token and
+/// `extra` header lines.
+pub fn upgrade_request(extra: &str) -> String {
+    format!(
+        "GET /chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {ORIGIN}\r\n\
+         Authorization: Bearer {}\r\n{extra}\r\n",
+        token("raw", 600)
+    )
+}
+
+/// Sends [`upgrade_request`] and returns the first 12 bytes of the answer (`HTTP/1.1 101`
+/// when upgraded), or the error that ended the stream.
+pub async fn send_upgrade<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(upgrade_request("").as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut got = vec![0u8; 12];
+    match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await {
+        Ok(Ok(_)) => Ok(got),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 5 s".to_string()),
+    }
 }
 
 /// Performs an upgrade by hand on a raw TLS stream and returns the stream after the 101.
 pub async fn raw_upgrade(proxy: &Proxy, pki: &Pki) -> tokio_rustls::client::TlsStream<TcpStream> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = raw_tls(proxy, pki).await;
-    let req = format!(
-        "GET /chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {ORIGIN}\r\nAuthorization: Bearer {}\r\n\r\n",
-        token("raw", 3600)
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(upgrade_request("").as_bytes()).await.unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
