@@ -155,7 +155,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr, backend: SocketAddr) -> Result<(C
     let cert_path = write("cert.pem", cert_pem.as_bytes())?;
     let key_path = write("key.pem", cert.signing_key.serialize_pem().as_bytes())?;
     let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).map_err(|e| format!("random: {e}"))?;
+    crate::tls::fill_random(&mut secret).map_err(|e| format!("random: {e:?}"))?;
     let secret_hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
     let secret_path = write("jwt.secret", secret_hex.as_bytes())?;
     let port = listen.port();

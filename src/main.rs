@@ -202,7 +202,7 @@ fn demo(mut listen: SocketAddr) -> ExitCode {
 
 fn tempdir() -> Result<PathBuf, String> {
     let mut r = [0u8; 8];
-    getrandom::fill(&mut r).map_err(|e| e.to_string())?;
+    wsgate::tls::fill_random(&mut r).map_err(|e| format!("random: {e:?}"))?;
     let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
     let dir = std::env::temp_dir().join(format!("wsgate-demo-{name}"));
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;

@@ -13,7 +13,15 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+/// Fills `buf` from aws-lc's DRBG, the generator rustls itself uses: seeded from the OS and
+/// reseeded by aws-lc, it costs no syscall per call, where `getrandom` costs one. Every
+/// session asks twice (the backend's `Sec-WebSocket-Key` and the mask seed).
+pub fn fill_random(buf: &mut [u8]) -> Result<(), rustls::crypto::GetRandomFailed> {
+    static RNG: OnceLock<&'static dyn rustls::crypto::SecureRandom> = OnceLock::new();
+    RNG.get_or_init(|| aws_lc_rs::default_provider().secure_random).fill(buf)
+}
 
 /// Facts about one loaded certificate, for the expiry metric and `wsgate check`.
 #[derive(Debug, Clone)]

@@ -242,7 +242,7 @@ impl Upstream {
         let mut stream = self.connect_stream().await?;
         let key = {
             let mut k = [0u8; 16];
-            getrandom::fill(&mut k).map_err(|e| UpstreamError::Unreachable(format!("random key: {e}")))?;
+            crate::tls::fill_random(&mut k).map_err(|e| UpstreamError::Unreachable(format!("random key: {e:?}")))?;
             base64::engine::general_purpose::STANDARD.encode(k)
         };
         let head = req.encode(&self.url, &key);

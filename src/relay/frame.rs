@@ -160,16 +160,16 @@ pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
 /// A fast, non-cryptographic generator for the masks of frames sent to the backend. Masking
 /// exists to stop browser scripts from steering bytes on the wire (cache poisoning of
 /// intermediaries); the proxy's backend link has no such scripts, so a per-session seed from
-/// the OS and a fast sequence are enough, and cheaper than a CSPRNG call per frame.
+/// a CSPRNG and a fast sequence are enough, and cheaper than a CSPRNG call per frame.
 #[derive(Debug, Clone)]
 pub struct MaskGen(u64);
 
 impl MaskGen {
-    /// Seeds from the OS.
+    /// Seeds from the process's CSPRNG.
     pub fn new() -> MaskGen {
         let mut b = [0u8; 8];
         // On failure the fallback seed is still a valid mask source (masks only need to vary).
-        let _ = getrandom::fill(&mut b);
+        let _ = crate::tls::fill_random(&mut b);
         MaskGen(u64::from_ne_bytes(b) | 1)
     }
 
