@@ -161,6 +161,35 @@ async fn fragmented_message_over_max_message_size_caught_on_the_fragment_header(
 }
 
 #[tokio::test]
+async fn messages_under_max_message_size_back_to_back_are_relayed_both_ways() {
+    // Each message is under the 2 KiB limit; only two of them together would be over it.
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, "max_frame_size = \"1KiB\"\nmax_message_size = \"2KiB\""));
+    let mut s = raw_upgrade(&proxy, &pki).await;
+    let mut bytes = raw_frame(false, 2, true, &[1u8; 1000]);
+    bytes.extend(raw_frame(true, 0, true, &[2u8; 1000]));
+    bytes.extend(raw_frame(true, 2, true, &[3u8; 1000]));
+    bytes.extend(raw_frame(true, 2, true, &[4u8; 1024]));
+    s.write_all(&bytes).await.unwrap();
+    // The echo backend answers each whole message in one frame: 2000, 1000 and 1024 bytes.
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let (op, p) = read_raw_frame(&mut s).await.expect("echo");
+        assert_ne!(op, 8, "closed: {:?}", String::from_utf8_lossy(&p));
+        if op == 2 {
+            got.push(p);
+        }
+    }
+    assert_eq!(got.iter().map(Vec::len).collect::<Vec<_>>(), vec![2000, 1000, 1024]);
+    assert!(got[0][..1000].iter().all(|&b| b == 1) && got[0][1000..].iter().all(|&b| b == 2));
+    s.write_all(&raw_frame(true, 8, true, &1000u16.to_be_bytes())).await.unwrap();
+    assert_eq!(raw_expect_close(&mut s).await.0, 1000);
+    let seen = backend.next_session().await;
+    assert_eq!(data_messages(&seen), 3);
+}
+
+#[tokio::test]
 async fn backend_message_over_max_message_size_1009_to_backend_1001_to_client() {
     let pki = Pki::new();
     let (addr, mut rx) = custom_backend(|mut ws| async move {

@@ -160,17 +160,20 @@ impl Flow {
         if h.opcode != OP_CONT && self.in_message {
             return Err(self.protocol_error("new message inside a fragmented one"));
         }
+        // `msg_size` still holds the previous message until `data_frame` starts the next one:
+        // only a continuation adds to it.
+        let so_far = if h.opcode == OP_CONT { self.msg_size } else { 0 };
         match self.source {
             Source::Client => {
                 if h.len > policy.max_frame_size {
                     return Err(v(1009, 1001, "frame too large"));
                 }
-                if self.msg_size.saturating_add(h.len) > policy.max_message_size {
+                if so_far.saturating_add(h.len) > policy.max_message_size {
                     return Err(v(1009, 1001, "message too large"));
                 }
             }
             Source::Backend => {
-                if self.msg_size.saturating_add(h.len) > policy.max_message_size {
+                if so_far.saturating_add(h.len) > policy.max_message_size {
                     return Err(v(1009, 1001, "backend message too large"));
                 }
             }
