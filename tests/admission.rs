@@ -502,6 +502,27 @@ async fn missing_token_is_bearer_and_invalid_token_is_invalid_token() {
     assert!(backend_saw_nothing(backend).await);
 }
 
+#[tokio::test]
+async fn a_signed_exp_beyond_any_clock_is_a_session_that_never_expires() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    for exp in [u64::MAX, 1_000_000_000_000_000] {
+        let t = hs_token(serde_json::json!({"sub": "far", "exp": exp}));
+        let r = connect(&proxy, &pki).header("Authorization", &format!("Bearer {t}")).go().await;
+        let (mut ws, _) = r.unwrap_or_else(|e| panic!("exp {exp}: {}", e.status()));
+        echo(&mut ws, &format!("exp {exp}")).await;
+        ws.close(None).await.unwrap();
+    }
+    // Not an integer the token library reads: a clear 401, not a dropped connection.
+    let t = hs_token(serde_json::json!({"sub": "far", "exp": 1e300}));
+    let e = connect(&proxy, &pki).header("Authorization", &format!("Bearer {t}")).go().await.unwrap_err();
+    assert_eq!(e.status(), 401);
+    // The proxy is still there and answering.
+    let (mut ws, _) = connect(&proxy, &pki).go().await.unwrap();
+    echo(&mut ws, "still up").await;
+}
+
 // ---------------------------------------------------------------- caps
 
 #[tokio::test]

@@ -118,7 +118,7 @@ pub async fn admit(
             }
         }
         if policy.config.auth.expire_sessions() {
-            session.expires_at = Some(expiry_instant(verified.exp, auth.leeway()));
+            session.expires_at = expiry_instant(verified.exp, auth.leeway());
         }
     }
 
@@ -148,9 +148,11 @@ pub async fn admit(
     Ok(Admitted { backend_request, policy: session, sub, token_in_protocol, ip_permit, global_permit })
 }
 
-/// `exp + leeway` (Unix seconds) as a monotonic instant.
-fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
+/// `exp + leeway` (Unix seconds) as a monotonic instant; `None` when that is further away than
+/// the clock can count (a signed token may carry any `exp`, up to `u64::MAX`): such a session
+/// never reaches its expiry anyway.
+fn expiry_instant(exp: u64, leeway: Duration) -> Option<Instant> {
     let now_unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let at = Duration::from_secs(exp) + leeway;
-    Instant::now() + at.saturating_sub(now_unix)
+    let at = Duration::from_secs(exp).checked_add(leeway)?;
+    Instant::now().checked_add(at.saturating_sub(now_unix))
 }
