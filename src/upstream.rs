@@ -257,12 +257,11 @@ impl Upstream {
             if buf.len() >= MAX_RESPONSE_HEAD {
                 return Err(UpstreamError::Unreachable("backend response head too large".into()));
             }
-            let mut chunk = [0u8; 2048];
-            let n = stream.read(&mut chunk).await.map_err(|e| UpstreamError::Unreachable(format!("read: {e}")))?;
+            buf.reserve(2048);
+            let n = stream.read_buf(&mut buf).await.map_err(|e| UpstreamError::Unreachable(format!("read: {e}")))?;
             if n == 0 {
                 return Err(UpstreamError::Unreachable("backend closed during the handshake".into()));
             }
-            buf.extend_from_slice(&chunk[..n]);
         };
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut resp = httparse::Response::new(&mut headers);

@@ -499,7 +499,11 @@ impl Authenticator {
                 let kid = header.kid.as_deref();
                 let found = set.load().lookup(kid, alg);
                 let found = match (found, remote, kid) {
-                    (Lookup::UnknownKid, Some(r), Some(kid)) => r.refetch_for_unknown_kid(set, kid, alg).await,
+                    // Boxed: the fetch (an HTTPS client) is kilobytes of state that every
+                    // handshake's future would otherwise reserve for this rare path.
+                    (Lookup::UnknownKid, Some(r), Some(kid)) => {
+                        Box::pin(r.refetch_for_unknown_kid(set, kid, alg)).await
+                    }
                     (other, _, _) => other,
                 };
                 match found {

@@ -26,6 +26,16 @@ pub trait RelayIo: AsyncRead + AsyncWrite + Unpin {
     fn has_end_message(&self) -> bool;
 }
 
+impl<T: RelayIo + ?Sized> RelayIo for Box<T> {
+    fn buffer_last(&mut self, last: &[u8]) -> usize {
+        (**self).buffer_last(last)
+    }
+
+    fn has_end_message(&self) -> bool {
+        (**self).has_end_message()
+    }
+}
+
 impl RelayIo for TcpStream {
     fn has_end_message(&self) -> bool {
         false
