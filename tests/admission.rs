@@ -227,6 +227,58 @@ async fn plain_http_passes_through_scrubbed_and_a_dead_backend_is_502() {
 }
 
 #[tokio::test]
+async fn passthrough_ignores_other_upgrades_and_refuses_a_websocket_upgrade_after_a_request() {
+    // A backend answering one plain request per connection; it reports each head it read.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (heads_tx, mut heads) = tokio::sync::mpsc::channel::<String>(8);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let heads_tx = heads_tx.clone();
+            tokio::spawn(async move {
+                let head = read_http_head(&mut tcp).await;
+                let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                let _ = heads_tx.send(head).await;
+                let _ = tcp.read(&mut [0u8; 64]).await;
+            });
+        }
+    });
+    let pki = Pki::new();
+    let cfg = config(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"1s\"\nhttp = \"proxy\"");
+    let proxy = Proxy::start(&pki, &cfg);
+
+    // An h2c offer is not a WebSocket upgrade: passed through as plain HTTP, offer removed.
+    let h2c = "GET /h2 HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+               HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n";
+    let mut s = raw_tls(&proxy, &pki).await;
+    s.write_all(h2c.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"ok") {
+        let mut b = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.unwrap().unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&b[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    let head = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await.unwrap().unwrap();
+    assert!(head.starts_with("GET /h2 HTTP/1.1\r\n"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("upgrade"), "the offer reached the backend: {head}");
+
+    // A WebSocket upgrade as the next request on that connection: refused, logged, counted,
+    // and the connection closed so the client retries on a fresh one.
+    s.write_all(upgrade_request("").as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    let read_all = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut resp)).await.unwrap();
+    let resp = String::from_utf8_lossy(&resp).to_string();
+    assert!(read_all.is_ok() || !resp.is_empty(), "{read_all:?}");
+    assert_eq!(status_of(&resp), 400, "{resp}");
+    assert_eq!(header_of(&resp, "connection").as_deref(), Some("close"), "{resp}");
+    assert!(rejection_logged(&proxy, "bad_request", 400).await, "{}", proxy.log_text());
+    assert!(handshakes(&proxy, "bad_request").await >= 1.0);
+    assert!(heads.try_recv().is_err(), "the upgrade reached the backend");
+}
+
+#[tokio::test]
 async fn client_ca_requires_a_client_certificate_from_that_ca() {
     let pki = Pki::new();
     let backend = Backend::start(Mode::Echo).await;

@@ -114,8 +114,14 @@ async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_i
     if let Err(r) = admission::check_rate(shared, policy, client_ip) {
         return rejected(shared, client_ip, r);
     }
-    if req.headers().contains_key(hyper::header::UPGRADE) {
-        return plain(StatusCode::BAD_REQUEST, &[]);
+    // A WebSocket upgrade is admitted (Origin, token) only as the first request of its own
+    // connection; here it is a logged refusal that closes this one, so the client's retry
+    // starts fresh. Any other `Upgrade` (h2c, ...) is an offer a proxy may ignore: it is
+    // hop-by-hop, removed with `Connection`, and the request goes through as plain HTTP.
+    if super::header_has_token(req.headers(), hyper::header::UPGRADE, "websocket") {
+        let close = HeaderValue::from_static("close");
+        let r = super::Rejection::new(StatusCode::BAD_REQUEST, "bad_request").with(hyper::header::CONNECTION, close);
+        return rejected(shared, client_ip, r);
     }
     let (parts, body) = req.into_parts();
     let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
