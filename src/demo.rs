@@ -58,12 +58,11 @@ async fn serve_backend(
     tx: broadcast::Sender<String>,
 ) -> Result<Response<DemoBody>, std::convert::Infallible> {
     if fastwebsockets::upgrade::is_upgrade_request(&req) {
-        let user = req.headers().get("x-auth-user").and_then(|v| v.to_str().ok()).unwrap_or("anonymous").to_string();
         return Ok(match fastwebsockets::upgrade::upgrade(&mut req) {
             Ok((resp, fut)) => {
                 tokio::spawn(async move {
                     if let Ok(ws) = fut.await {
-                        let _ = chat_session(ws, tx, user).await;
+                        let _ = chat_session(ws, tx).await;
                     }
                 });
                 resp.map(Either::Right)
@@ -88,7 +87,6 @@ fn status(s: StatusCode) -> Response<DemoBody> {
 async fn chat_session(
     ws: fastwebsockets::WebSocket<TokioIo<hyper::upgrade::Upgraded>>,
     tx: broadcast::Sender<String>,
-    user: String,
 ) -> Result<(), WebSocketError> {
     let (mut rx, mut wr) = ws.split(tokio::io::split);
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<(OpCode, Vec<u8>)>(16);
@@ -114,7 +112,6 @@ async fn chat_session(
             }
         }
     });
-    let _ = tx.send(format!("* {user} joined"));
     loop {
         let ctl = ctl_tx.clone();
         let frame = rx
@@ -130,14 +127,14 @@ async fn chat_session(
         match frame {
             Ok(f) if f.opcode == OpCode::Text => {
                 let text = String::from_utf8_lossy(&f.payload).into_owned();
-                let _ = tx.send(format!("{user}: {text}"));
+                // Plain text, exactly as sent, to every session (DESIGN.md: no names, no notices).
+                let _ = tx.send(text);
             }
             Ok(f) if f.opcode == OpCode::Close => break,
             Ok(_) => {}
             Err(_) => break,
         }
     }
-    let _ = tx.send(format!("* {user} left"));
     drop(ctl_tx);
     let _ = writer.await;
     Ok(())

@@ -182,11 +182,13 @@ fn demo(mut listen: SocketAddr) -> ExitCode {
         let result = lifecycle::run(config, None, |bound| {
             println!();
             println!("wsgate demo is running (Ctrl-C to stop)");
-            println!("  page:      {}#token={}", info.page_url, info.token);
+            println!("  page:      {}", info.page_url);
             println!("  websocket: {}", info.ws_url);
             println!("  origin:    {}", info.origin);
             println!("  admin:     http://{}/metrics", bound.admin);
             println!("  token:     {}", info.token);
+            // The token rides in the fragment, which the browser never sends to the server.
+            println!("  open:      {}#token={}", info.page_url, info.token);
             println!("  cert:      {} (self-signed; accept it in the browser)", dir.join("cert.pem").display());
             println!();
         })

@@ -59,31 +59,35 @@ async fn demo_prints_url_and_token_and_chats() {
         .with_root_certificates(roots)
         .with_no_client_auth();
 
-    let mut req = ws_url.as_str().into_client_request().unwrap();
-    req.headers_mut().insert("Origin", fields["origin"].parse().unwrap());
-    req.headers_mut().insert("Sec-WebSocket-Protocol", format!("access_token, {}", fields["token"]).parse().unwrap());
     let port: u16 = ws_url.trim_start_matches("wss://localhost:").trim_end_matches("/ws").parse().unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async_tls_with_config(
-        req,
-        tcp,
-        None,
-        Some(tokio_tungstenite::Connector::Rustls(Arc::new(tls))),
-    )
-    .await
-    .expect("demo handshake");
-    assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "access_token");
-    ws.send(Message::Text("hello from the test".into())).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), ws.next())
+    assert_eq!(fields["page"], format!("https://localhost:{port}/"));
+    let join = || async {
+        let mut req = ws_url.as_str().into_client_request().unwrap();
+        req.headers_mut().insert("Origin", fields["origin"].parse().unwrap());
+        let pair = format!("access_token, {}", fields["token"]);
+        req.headers_mut().insert("Sec-WebSocket-Protocol", pair.parse().unwrap());
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let connector = tokio_tungstenite::Connector::Rustls(Arc::new(tls.clone()));
+        let (ws, resp) = tokio_tungstenite::client_async_tls_with_config(req, tcp, None, Some(connector))
             .await
-            .expect("chat message")
-            .unwrap()
-            .unwrap();
-        if m == Message::Text("demo: hello from the test".into()) {
-            break;
+            .expect("demo handshake");
+        assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "access_token");
+        ws
+    };
+    let (mut a, mut b) = (join().await, join().await);
+    // Plain text, exactly as sent, to every session, the sender included: no names, no
+    // join notices. B may subscribe a moment after its 101, so A repeats until B has it.
+    let hello = Message::Text("hello from the test".into());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first_at_b = loop {
+        a.send(hello.clone()).await.unwrap();
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(200), b.next()).await {
+            break m.unwrap().unwrap();
         }
-    }
+        assert!(Instant::now() < deadline, "B never got A's message");
+    };
+    assert_eq!(first_at_b, hello);
+    let first_at_a = tokio::time::timeout(Duration::from_secs(5), a.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first_at_a, hello);
     drop(child);
 }
