@@ -183,20 +183,31 @@ async fn respond<S: AsyncWrite + Unpin>(io: &mut S, status: StatusCode, extra: &
 async fn reject<S: AsyncWrite + Unpin>(shared: &Shared, io: &mut S, client_ip: IpAddr, start: Instant, r: Rejection) {
     shared.metrics.handshake(r.reason);
     shared.metrics.handshake_duration.observe(start.elapsed().as_secs_f64());
-    tracing::info!(event = "rejected", client_ip = %client_ip, reason = r.reason, status = r.status.as_u16());
+    log_rejected(client_ip, &r, false);
     respond(io, r.status, &r.headers).await;
 }
 
 /// The answer to a backend that failed (502, or 504 when too slow), counted in
-/// `wsgate_backend_connect_errors_total` and logged with its detail; the caller answers it.
-fn backend_failed(shared: &Shared, client_ip: IpAddr, e: UpstreamError) -> Rejection {
+/// `wsgate_backend_connect_errors_total`; the caller answers and logs it, with the detail.
+fn backend_failed(shared: &Shared, e: UpstreamError) -> Rejection {
     let (status, reason, detail) = match e {
         UpstreamError::Unreachable(d) => (StatusCode::BAD_GATEWAY, "backend_unreachable", d),
         UpstreamError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "backend_timeout", "timed out".into()),
     };
     shared.metrics.backend_errors.get_or_create(&crate::metrics::ResultLabel { result: reason }).inc();
-    tracing::warn!(event = "backend_error", client_ip = %client_ip, error = %detail);
-    Rejection::new(status, reason)
+    Rejection { error: Some(detail), ..Rejection::new(status, reason) }
+}
+
+/// The one log line of a refused request (DESIGN.md: every rejection is logged once). A
+/// backend failure is the operator's problem rather than the client's: warn, with its detail.
+fn log_rejected(client_ip: IpAddr, r: &Rejection, passthrough: bool) {
+    let (status, passthrough) = (r.status.as_u16(), passthrough.then_some(true));
+    match &r.error {
+        Some(error) => {
+            tracing::warn!(event = "rejected", client_ip = %client_ip, reason = r.reason, status, passthrough, error = %error)
+        }
+        None => tracing::info!(event = "rejected", client_ip = %client_ip, reason = r.reason, status, passthrough),
+    }
 }
 
 /// Runs a phase before the upgrade request is complete; `None` when the drain starts first.
@@ -325,7 +336,7 @@ async fn connection(
     let connected = match policy.upstream.handshake(&admitted.backend_request).await {
         Ok(c) => c,
         Err(e) => {
-            let r = backend_failed(&shared, client_ip, e);
+            let r = backend_failed(&shared, e);
             return reject(&shared, &mut tls, client_ip, start, r).await;
         }
     };

@@ -188,6 +188,11 @@ async fn backend_connect_errors_are_counted() {
     assert_eq!(m.count("wsgate_backend_connect_errors_total", &[("result", "backend_timeout")]), 0.0);
     let r = wait_events(&proxy, "rejected", 1).await;
     assert_eq!((r[0]["reason"].as_str(), r[0]["status"].as_u64()), (Some("backend_unreachable"), Some(502)));
+    // Logged once (DESIGN.md), at warn, with what the operator needs to fix it.
+    assert_eq!(r[0]["level"], "WARN", "{}", r[0]);
+    assert!(r[0]["error"].as_str().is_some_and(|e| e.contains("connect")), "{}", r[0]);
+    let about_client = json_lines(&proxy).into_iter().filter(|v| v["client_ip"] == "127.0.0.1").count();
+    assert_eq!(about_client, 1, "{}", proxy.log_text());
 }
 
 #[tokio::test]

@@ -33,12 +33,15 @@ pub struct Rejection {
     pub reason: &'static str,
     /// `WWW-Authenticate`, `Retry-After`, …
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// What went wrong on the proxy's side (a backend failure), for the rejection's log line.
+    /// Never client input: no token can reach the log through it.
+    pub error: Option<String>,
 }
 
 impl Rejection {
     /// A rejection without extra headers.
     pub fn new(status: StatusCode, reason: &'static str) -> Rejection {
-        Rejection { status, reason, headers: Vec::new() }
+        Rejection { status, reason, headers: Vec::new(), error: None }
     }
 
     /// Adds a response header.

@@ -149,7 +149,7 @@ async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_i
     let Ok(out) = out.body(body) else { return plain(StatusCode::BAD_REQUEST, &[]) };
 
     // A backend failure is answered, logged and counted like the upgrade path's 502/504.
-    let failed = |e: UpstreamError| rejected(shared, client_ip, super::backend_failed(shared, client_ip, e));
+    let failed = |e: UpstreamError| rejected(shared, client_ip, super::backend_failed(shared, e));
     let stream = match tokio::time::timeout(policy.upstream.timeout, policy.upstream.connect_stream()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return failed(e),
@@ -175,6 +175,6 @@ async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_i
 /// Logs and counts a refused passthrough request, and answers it.
 fn rejected(shared: &Shared, client_ip: IpAddr, r: super::Rejection) -> Response<Body> {
     shared.metrics.handshake(r.reason);
-    tracing::info!(event = "rejected", client_ip = %client_ip, reason = r.reason, status = r.status.as_u16(), passthrough = true);
+    super::log_rejected(client_ip, &r, true);
     plain(r.status, &r.headers)
 }
