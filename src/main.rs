@@ -8,6 +8,13 @@ use std::time::Duration;
 use wsgate::config::{Config, LogFormat};
 use wsgate::lifecycle::{self, RunError};
 
+/// mimalloc instead of glibc's malloc: a new session makes about 200 allocations (two thirds
+/// in rustls' handshake), and glibc's took about 7 % of its CPU. A/B over 6 interleaved
+/// rounds (bench/RESULTS.md): 3 % less CPU per new session, 2 % less per 64 B message, 2 %
+/// more memory per idle session.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "wsgate", version, about = "TLS-terminating WebSocket security proxy for legacy chat backends")]
 struct Cli {
