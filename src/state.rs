@@ -36,6 +36,10 @@ pub struct Policy {
     pub sources: Vec<TokenSource>,
     /// Claim → header forwarded to the backend.
     pub claims: Vec<(String, HeaderName)>,
+    /// Client headers never passed to the backend besides the fixed reserved set
+    /// (`upstream::is_reserved_header`): the claim headers, which only the proxy may set, and
+    /// the header trusted proxies name the client in, which a client could forge.
+    pub dropped_headers: Vec<HeaderName>,
     /// How to reach the backend.
     pub upstream: Upstream,
     /// Who may tell us the client's address.
@@ -71,7 +75,7 @@ impl Policy {
         } else {
             Vec::new()
         };
-        let claims = config
+        let claims: Vec<(String, HeaderName)> = config
             .auth
             .forward_claims()
             .into_iter()
@@ -81,6 +85,9 @@ impl Policy {
                     .map_err(|_| ConfigError(format!("auth.forward_claims.{c}: invalid header name {h:?}")))
             })
             .collect::<Result<_, _>>()?;
+        let trusted = TrustedProxies::new(&config.trusted_proxies);
+        let mut dropped_headers: Vec<HeaderName> = claims.iter().map(|(_, h)| h.clone()).collect();
+        dropped_headers.push(trusted.header().clone());
         let upstream = Upstream::new(&config.backend)?;
         let jwks = auth.as_ref().and_then(|a| a.spawn_refresh()).map(AbortOnDrop);
         Ok(Policy {
@@ -90,8 +97,9 @@ impl Policy {
             auth,
             sources,
             claims,
+            dropped_headers,
             upstream,
-            trusted: TrustedProxies::new(&config.trusted_proxies),
+            trusted,
             ip_limits: IpLimits::from_config(&config.limits),
             session: SessionPolicy::from_limits(&config.limits),
             config,

@@ -840,6 +840,27 @@ async fn trusted_proxy_header_is_read_right_to_left_and_ignored_from_others() {
     assert_eq!(backend.next_session().await.header_all("x-forwarded-for"), vec!["127.0.0.12"]);
 }
 
+#[tokio::test]
+async fn a_custom_client_address_header_is_read_from_trusted_peers_and_never_forwarded() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let cfg = config(backend.addr, "[trusted_proxies]\ncidrs = [\"127.0.0.12/32\"]\nheader = \"x-client-ip\"\n");
+    let proxy = Proxy::start(&pki, &cfg);
+    // From the trusted balancer: its header names the client, and is replaced by the
+    // proxy's own X-Forwarded-For.
+    let (s, _) = connect(&proxy, &pki).header("X-Client-IP", "203.0.113.9").from("127.0.0.12").go().await.unwrap();
+    drop(s);
+    let seen = backend.next_session().await;
+    assert_eq!(seen.header_all("x-forwarded-for"), vec!["203.0.113.9"]);
+    assert!(seen.header_all("x-client-ip").is_empty(), "the balancer's header reached the backend");
+    // Forged by a direct client: ignored, and not passed on for the backend to believe.
+    let (s, _) = connect(&proxy, &pki).header("X-Client-IP", "198.51.100.1").from("127.0.0.13").go().await.unwrap();
+    drop(s);
+    let seen = backend.next_session().await;
+    assert_eq!(seen.header_all("x-forwarded-for"), vec!["127.0.0.13"]);
+    assert!(seen.header_all("x-client-ip").is_empty(), "a forged client address reached the backend");
+}
+
 /// Opens a WebSocket over `tcp` after `prefix` bytes (a PROXY header) were written raw.
 async fn ws_after_prefix(proxy: &Proxy, pki: &Pki, mut tcp: TcpStream, prefix: &[u8]) -> Result<Client, String> {
     tcp.write_all(prefix).await.map_err(|e| e.to_string())?;

@@ -136,14 +136,13 @@ pub async fn admit(
 
     let mut client_headers = headers.clone();
     token::scrub_headers(&mut client_headers, &policy.sources);
-    let drop: Vec<HeaderName> = policy.claims.iter().map(|(_, h)| h.clone()).collect();
     // Whichever source yielded the token, a pair the client sent is stripped, and answered.
     let backend_protocols = token::protocols_for_backend(&offered, &policy.sources);
     let token_in_protocol = backend_protocols.len() != offered.len();
     let backend_request = BackendRequest::new(
         token::scrub_path(path_and_query, &policy.sources),
         &client_headers,
-        &drop,
+        &policy.dropped_headers,
         client_ip,
         extra,
         backend_protocols,

@@ -130,9 +130,14 @@ async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_i
 
     let mut headers = parts.headers.clone();
     token::scrub_headers(&mut headers, &policy.sources);
-    let drop: Vec<HeaderName> = policy.claims.iter().map(|(_, h)| h.clone()).collect();
-    let scrubbed =
-        crate::upstream::BackendRequest::new(path.clone(), &headers, &drop, client_ip, Vec::new(), Vec::new());
+    let scrubbed = crate::upstream::BackendRequest::new(
+        path.clone(),
+        &headers,
+        &policy.dropped_headers,
+        client_ip,
+        Vec::new(),
+        Vec::new(),
+    );
     let mut out = Request::builder().method(parts.method).uri(path);
     if let Some(h) = out.headers_mut() {
         *h = scrubbed.headers;
