@@ -383,9 +383,20 @@ impl BackendRequest {
         extra: Vec<(HeaderName, HeaderValue)>,
         protocols: Vec<String>,
     ) -> BackendRequest {
+        // Headers the client's `Connection` names are hop-by-hop for this hop only (RFC 9110
+        // §7.6.1), such as an h2c offer's `HTTP2-Settings`. What the proxy sets itself is
+        // inserted below, after this filter, so naming it here changes nothing.
+        let hop_by_hop = |name: &HeaderName| {
+            client_headers
+                .get_all(hyper::header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+        };
         let mut headers = HeaderMap::with_capacity(client_headers.len() + 4);
         for (name, value) in client_headers {
-            if is_reserved_header(name) || drop.contains(name) {
+            if is_reserved_header(name) || drop.contains(name) || hop_by_hop(name) {
                 continue;
             }
             headers.append(name.clone(), value.clone());
@@ -441,6 +452,20 @@ mod tests {
             "X-Forwarded-For: v\r\nX-Real-IP: v\r\nSec-WebSocket-Protocol: v\r\nWWW-Authenticate: v\r\nOrigin: v\r\n\
              X-Auth-User: v\r\n"
         );
+    }
+
+    #[test]
+    fn headers_named_in_connection_stay_on_the_client_hop() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, X-Hop, x-forwarded-for"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-end", HeaderValue::from_static("2"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        let r = BackendRequest::new("/".into(), &h, &[], "203.0.113.1".parse().unwrap(), Vec::new(), Vec::new());
+        assert!(r.headers.get("x-hop").is_none());
+        assert_eq!(r.headers.get("x-end").unwrap(), "2");
+        // Naming a header the proxy sets only removes the client's copy.
+        assert_eq!(r.headers.get("x-forwarded-for").unwrap(), "203.0.113.1");
     }
 
     #[test]

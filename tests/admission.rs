@@ -263,6 +263,7 @@ async fn passthrough_ignores_other_upgrades_and_refuses_a_websocket_upgrade_afte
     let head = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await.unwrap().unwrap();
     assert!(head.starts_with("GET /h2 HTTP/1.1\r\n"), "{head}");
     assert!(!head.to_ascii_lowercase().contains("upgrade"), "the offer reached the backend: {head}");
+    assert!(!head.to_ascii_lowercase().contains("http2-settings"), "a hop-by-hop header reached the backend: {head}");
 
     // A WebSocket upgrade as the next request on that connection: refused, logged, counted,
     // and the connection closed so the client retries on a fresh one.
