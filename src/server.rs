@@ -152,15 +152,6 @@ fn parse_head(bytes: &[u8]) -> Result<Head, HeadError> {
     })
 }
 
-fn header_has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
 /// Writes a short error response and closes.
 async fn respond<S: AsyncWrite + Unpin>(io: &mut S, status: StatusCode, extra: &[(HeaderName, HeaderValue)]) {
     let mut out = Vec::with_capacity(256);
@@ -314,7 +305,7 @@ async fn connection(
         client_ip::client_ip(peer_ip, &head.headers, &policy.trusted)
     };
 
-    if !header_has_token(&head.headers, hyper::header::UPGRADE, "websocket") {
+    if !upstream::header_has_token(&head.headers, hyper::header::UPGRADE, "websocket") {
         if policy.config.backend.http == crate::config::HttpMode::Proxy {
             drop(pending);
             return passthrough::serve(shared.clone(), policy, tls, head, leftover, peer_ip).await;
@@ -435,7 +426,7 @@ fn valid_upgrade(head: &Head) -> Option<String> {
     if head.method != "GET" || head.version != 1 {
         return None;
     }
-    if !header_has_token(&head.headers, hyper::header::CONNECTION, "upgrade") {
+    if !upstream::header_has_token(&head.headers, hyper::header::CONNECTION, "upgrade") {
         return None;
     }
     if head.headers.get(hyper::header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {

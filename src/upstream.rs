@@ -303,6 +303,17 @@ impl Upstream {
     }
 }
 
+/// Whether a comma-separated header (`Connection`, `Upgrade`) lists `token`, in any of its
+/// lines, compared case-insensitively.
+pub fn header_has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
 /// Appends `Name: value\r\n` for every header (HTTP/1.1 head encoding), names in their
 /// conventional capitalisation.
 pub fn write_headers<'a>(out: &mut Vec<u8>, headers: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>) {
@@ -386,14 +397,7 @@ impl BackendRequest {
         // Headers the client's `Connection` names are hop-by-hop for this hop only (RFC 9110
         // §7.6.1), such as an h2c offer's `HTTP2-Settings`. What the proxy sets itself is
         // inserted below, after this filter, so naming it here changes nothing.
-        let hop_by_hop = |name: &HeaderName| {
-            client_headers
-                .get_all(hyper::header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
-        };
+        let hop_by_hop = |name: &HeaderName| header_has_token(client_headers, hyper::header::CONNECTION, name.as_str());
         let mut headers = HeaderMap::with_capacity(client_headers.len() + 4);
         for (name, value) in client_headers {
             if is_reserved_header(name) || drop.contains(name) || hop_by_hop(name) {

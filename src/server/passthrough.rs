@@ -118,7 +118,7 @@ async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_i
     // connection; here it is a logged refusal that closes this one, so the client's retry
     // starts fresh. Any other `Upgrade` (h2c, ...) is an offer a proxy may ignore: it is
     // hop-by-hop, removed with `Connection`, and the request goes through as plain HTTP.
-    if super::header_has_token(req.headers(), hyper::header::UPGRADE, "websocket") {
+    if crate::upstream::header_has_token(req.headers(), hyper::header::UPGRADE, "websocket") {
         let close = HeaderValue::from_static("close");
         let r = super::Rejection::new(StatusCode::BAD_REQUEST, "bad_request").with(hyper::header::CONNECTION, close);
         return rejected(shared, client_ip, r);
