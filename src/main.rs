@@ -82,8 +82,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// The runtime: one thread when the process may use only one CPU (affinity mask or cgroup
+/// quota, as `available_parallelism` reports it: a pinned service or a one-CPU sidecar),
+/// otherwise one worker per CPU. With one CPU a multi-thread runtime only adds cross-thread
+/// hand-offs and the atomics of work stealing to every wake-up.
 fn runtime() -> tokio::runtime::Runtime {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let mut builder = if one_cpu {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wsgate: cannot start the runtime: {e}");
