@@ -212,12 +212,18 @@ impl Upstream {
 
     /// Opens TCP (and TLS) to the backend.
     pub async fn connect_stream(&self) -> Result<BackendStream, UpstreamError> {
-        let tcp = TcpStream::connect((self.url.host.as_str(), self.url.port))
+        self.connect_sending(&[]).await.map(|(stream, _)| stream)
+    }
+
+    /// Opens TCP (and TLS) to the backend. Over plain TCP, `first` goes out as soon as the
+    /// connection is up (see [`connect_tcp`]); the answer says how much of it was sent.
+    async fn connect_sending(&self, first: &[u8]) -> Result<(BackendStream, usize), UpstreamError> {
+        let first = if self.tls.is_none() { first } else { &[] };
+        let (tcp, sent) = connect_tcp(&self.url.host, self.url.port, first)
             .await
             .map_err(|e| UpstreamError::Unreachable(format!("connect {}: {e}", self.url.authority)))?;
-        let _ = tcp.set_nodelay(true);
         match &self.tls {
-            None => Ok(BackendStream::Plain(tcp)),
+            None => Ok((BackendStream::Plain(tcp), sent)),
             Some(conn) => {
                 let name = rustls_pki_types::ServerName::try_from(self.url.host.clone())
                     .map_err(|e| UpstreamError::Unreachable(format!("backend host name: {e}")))?;
@@ -225,7 +231,7 @@ impl Upstream {
                     .connect(name, tcp)
                     .await
                     .map_err(|e| UpstreamError::Unreachable(format!("TLS to {}: {e}", self.url.authority)))?;
-                Ok(BackendStream::Tls(Box::new(s)))
+                Ok((BackendStream::Tls(Box::new(s)), 0))
             }
         }
     }
@@ -239,14 +245,14 @@ impl Upstream {
     }
 
     async fn handshake_inner(&self, req: &BackendRequest) -> Result<Connected, UpstreamError> {
-        let mut stream = self.connect_stream().await?;
         let key = {
             let mut k = [0u8; 16];
             crate::tls::fill_random(&mut k).map_err(|e| UpstreamError::Unreachable(format!("random key: {e:?}")))?;
             base64::engine::general_purpose::STANDARD.encode(k)
         };
         let head = req.encode(&self.url, &key);
-        stream.write_all(&head).await.map_err(|e| UpstreamError::Unreachable(format!("write: {e}")))?;
+        let (mut stream, sent) = self.connect_sending(&head).await?;
+        stream.write_all(&head[sent..]).await.map_err(|e| UpstreamError::Unreachable(format!("write: {e}")))?;
         stream.flush().await.map_err(|e| UpstreamError::Unreachable(format!("flush: {e}")))?;
 
         let mut buf = Vec::with_capacity(1024);
@@ -301,6 +307,56 @@ impl Upstream {
         let leftover = buf.split_off(head_len);
         Ok(Connected { stream, protocol, leftover })
     }
+}
+
+/// TCP to `host:port`, trying each resolved address in turn as `TcpStream::connect` does,
+/// with `TCP_NODELAY` set; `first` (may be empty) is sent as soon as the connection is up,
+/// and the answer says how much of it went.
+///
+/// `TcpStream::connect` returns only after the runtime has reported the new socket
+/// writable, so the upgrade request used to wait a trip through the scheduler and a
+/// `getsockopt`. When the backend answers at once (on the same host the kernel completes the
+/// three-way handshake inside `connect`), the request now leaves in the same turn, and the
+/// backend, still waking up for its `accept`, finds it there instead of being woken again
+/// for it. A backend farther away gets the usual wait for writability and error check.
+async fn connect_tcp(host: &str, port: u16, first: &[u8]) -> io::Result<(TcpStream, usize)> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        match connect_addr(addr, first).await {
+            Ok(x) => return Ok(x),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to connect to")))
+}
+
+async fn connect_addr(addr: std::net::SocketAddr, first: &[u8]) -> io::Result<(TcpStream, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_nonblocking(true)?;
+    let _ = sock.set_tcp_nodelay(true);
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    // Still connecting answers EAGAIN; a refused connection answers its error here.
+    let sent = match first.is_empty() {
+        true => 0,
+        false => match sock.send(first) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        },
+    };
+    let tcp = TcpStream::from_std(sock.into())?;
+    if sent == 0 {
+        tcp.writable().await?;
+        if let Some(e) = tcp.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok((tcp, sent))
 }
 
 /// Whether a comma-separated header (`Connection`, `Upgrade`) lists `token`, in any of its
