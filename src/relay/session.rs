@@ -284,6 +284,12 @@ where
     T: RelayIo,
 {
     let mut turn = Turn::default();
+    if src.dead && !src.read_done {
+        // A write to this peer failed (a reset, say): it is gone just as if its stream had
+        // ended, and the other side must hear so rather than talk on into nothing.
+        turn.eof = true;
+        return turn;
+    }
     if src.read_done || src.dead {
         return turn;
     }
@@ -375,7 +381,12 @@ where
 {
     let mut pos = 0;
     loop {
+        let queued = src.wbuf.len();
         let step = flow.process(&mut buf[pos..], policy, now, discard, masks, &mut src.wbuf);
+        if src.close_sent {
+            // Nothing may follow our close frame (RFC 6455 §5.5.1), pongs included.
+            src.wbuf.truncate(queued);
+        }
         for &(a, b) in &step.segs[..step.nsegs] {
             dst.send(cx, &buf[pos + a..pos + b]);
         }
@@ -763,9 +774,181 @@ where
                 }
             }
         } else {
+            if dst.close_read && !dst.close_sent {
+                // `dst`'s close went to `src`, which vanished instead of answering it: answer
+                // it here with the same code, so `dst` is not left waiting for a reply.
+                let code = st.end.map_or(1005, |(c, _, _)| c);
+                let payload = if code == 1005 { Vec::new() } else { frame::close_payload(code, "") };
+                let m = (from == Source::Client).then(|| st.masks.next_mask());
+                dst.queue_frame(OP_CLOSE, m, &payload);
+                dst.close_sent = true;
+            }
             st.closing_deadline.get_or_insert(now + CLOSE_TIMEOUT);
         }
         return true;
     }
     turn.progressed
+}
+
+#[cfg(test)]
+mod tests {
+    //! Peer failures that real sockets produce only by racing: a write that fails before the
+    //! reset is read, a peer that vanishes instead of answering a close, a ping after our close.
+    use super::*;
+    use crate::config::OnRateLimit;
+    use crate::relay::frame::OP_PONG;
+    use std::io;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+
+    impl RelayIo for DuplexStream {
+        fn has_end_message(&self) -> bool {
+            false
+        }
+    }
+
+    /// A backend whose every write fails (the connection was reset) and whose reset the
+    /// relay has not read yet: reads stay pending.
+    struct ResetOnWrite;
+
+    impl AsyncRead for ResetOnWrite {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for ResetOnWrite {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl RelayIo for ResetOnWrite {
+        fn has_end_message(&self) -> bool {
+            false
+        }
+    }
+
+    struct NoTraffic;
+
+    impl TrafficSink for NoTraffic {
+        fn add(&self, _: u64, _: u64, _: u64, _: u64, _: u64) {}
+    }
+
+    fn policy() -> SessionPolicy {
+        SessionPolicy {
+            max_frame_size: 1 << 16,
+            max_message_size: 1 << 20,
+            messages_per_second: 1000,
+            message_burst: 1000,
+            bytes_per_second: 1 << 30,
+            byte_burst: 1 << 30,
+            on_rate_limit: OnRateLimit::Close,
+            idle_timeout: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(30),
+            expires_at: None,
+        }
+    }
+
+    fn frame_bytes(opcode: u8, mask: Option<[u8; 4]>, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        frame::write_frame(&mut v, opcode, mask, payload);
+        v
+    }
+
+    /// Reads one small frame (payload under 126 bytes): opcode and unmasked payload.
+    async fn read_frame(s: &mut DuplexStream) -> io::Result<(u8, Vec<u8>)> {
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h).await?;
+        let masked = h[1] & 0x80 != 0;
+        let len = (h[1] & 0x7f) as usize;
+        assert!(len < 126, "test frames are small");
+        let mut key = [0u8; 4];
+        if masked {
+            s.read_exact(&mut key).await?;
+        }
+        let mut p = vec![0u8; len];
+        s.read_exact(&mut p).await?;
+        if masked {
+            frame::apply_mask(&mut p, key);
+        }
+        Ok((h[0] & 0x0f, p))
+    }
+
+    const LIMIT: Duration = Duration::from_secs(3);
+
+    #[tokio::test]
+    async fn a_backend_write_that_fails_closes_the_client_with_1011() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let drain = Drain::default();
+        let session =
+            run(client, Vec::new(), ResetOnWrite, Vec::new(), policy(), CancellationToken::new(), &drain, &NoTraffic);
+        let peer = async {
+            client_peer.write_all(&frame_bytes(0x1, Some([1, 2, 3, 4]), b"hello")).await.unwrap();
+            let got = read_frame(&mut client_peer).await;
+            if let Ok((OP_CLOSE, p)) = &got {
+                client_peer.write_all(&frame_bytes(OP_CLOSE, Some([1, 2, 3, 4]), p)).await.unwrap();
+            }
+            got
+        };
+        let (end, got) = tokio::time::timeout(LIMIT, async { tokio::join!(session, peer) })
+            .await
+            .expect("the session went on talking to a backend that was gone");
+        let (op, payload) = got.expect("a close frame");
+        assert_eq!((op, &payload[..2]), (OP_CLOSE, &1011u16.to_be_bytes()[..]));
+        assert_eq!(end.code, 1011);
+    }
+
+    #[tokio::test]
+    async fn a_close_the_vanished_backend_never_answered_is_answered_to_the_client() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (backend, mut backend_peer) = duplex(1 << 16);
+        let drain = Drain::default();
+        let session =
+            run(client, Vec::new(), backend, Vec::new(), policy(), CancellationToken::new(), &drain, &NoTraffic);
+        let peers = async {
+            let close = frame::close_payload(1000, "bye");
+            client_peer.write_all(&frame_bytes(OP_CLOSE, Some([9, 8, 7, 6]), &close)).await.unwrap();
+            let forwarded = read_frame(&mut backend_peer).await.unwrap();
+            assert_eq!((forwarded.0, &forwarded.1[..]), (OP_CLOSE, &close[..]));
+            drop(backend_peer); // gone without a reply
+            read_frame(&mut client_peer).await
+        };
+        let (end, got) = tokio::time::timeout(LIMIT, async { tokio::join!(session, peers) })
+            .await
+            .expect("the client's close was left unanswered");
+        let (op, payload) = got.expect("a close frame for the client");
+        assert_eq!((op, &payload[..]), (OP_CLOSE, &1000u16.to_be_bytes()[..]));
+        assert_eq!(end.code, 1000);
+    }
+
+    #[tokio::test]
+    async fn no_pong_follows_a_close_frame() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (backend, mut backend_peer) = duplex(1 << 16);
+        let drain = Drain::default();
+        let session =
+            run(client, Vec::new(), backend, Vec::new(), policy(), CancellationToken::new(), &drain, &NoTraffic);
+        let peers = async {
+            let close = frame::close_payload(1000, "");
+            client_peer.write_all(&frame_bytes(OP_CLOSE, Some([9, 8, 7, 6]), &close)).await.unwrap();
+            let forwarded = read_frame(&mut backend_peer).await.unwrap();
+            assert_eq!(forwarded.0, OP_CLOSE);
+            // The backend pings before it reads our close, then answers the close.
+            backend_peer.write_all(&frame_bytes(OP_PING, None, b"late")).await.unwrap();
+            backend_peer.write_all(&frame_bytes(OP_CLOSE, None, &close)).await.unwrap();
+            let mut rest = Vec::new();
+            backend_peer.read_to_end(&mut rest).await.unwrap();
+            let _ = read_frame(&mut client_peer).await;
+            rest
+        };
+        let (_, rest) =
+            tokio::time::timeout(LIMIT, async { tokio::join!(session, peers) }).await.expect("session ended");
+        assert!(rest.is_empty(), "bytes after our close frame: {rest:?} (a pong is opcode {OP_PONG})");
+    }
 }
