@@ -19,44 +19,69 @@ pub struct DropLog {
 
 impl DropLog {
     /// Counts a drop. The first drop from an IP without a line in the last interval is logged
-    /// at once; the following ones are counted and told by [`DropLog::flush`].
+    /// at once (with any drops counted since its last line); the following ones are counted
+    /// and told by [`DropLog::flush`].
     pub fn record(&self, ip: IpAddr) {
-        let now = Instant::now();
         let Ok(mut map) = self.inner.lock() else { return };
-        if map.len() >= MAX_TRACKED {
-            map.retain(|_, (t, _)| now.duration_since(*t) < INTERVAL);
-            if map.len() >= MAX_TRACKED {
-                return;
-            }
-        }
-        match map.get_mut(&ip) {
-            // Within the interval of the last line: counted, told by `flush`.
-            Some(e) if now.duration_since(e.0) < INTERVAL => e.1 += 1,
-            _ => {
-                log(ip, 1);
-                map.insert(ip, (now, 0));
-            }
-        }
+        record_at(&mut map, ip, Instant::now(), &mut log);
     }
 
     /// Logs the drops counted since each IP's last line, once its interval has passed (`all`:
     /// now, at exit), and forgets quiet IPs. Called every [`INTERVAL`] and at the end.
     pub fn flush(&self, all: bool) {
-        let now = Instant::now();
         let Ok(mut map) = self.inner.lock() else { return };
+        flush_at(&mut map, Instant::now(), all, &mut log);
+    }
+}
+
+type Counts = HashMap<IpAddr, (Instant, u64)>;
+
+fn record_at(map: &mut Counts, ip: IpAddr, now: Instant, emit: &mut dyn FnMut(IpAddr, u64)) {
+    if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
+        // Forget IPs whose interval is over, telling their counts first.
         map.retain(|ip, (t, n)| {
-            if now.duration_since(*t) < INTERVAL && !all {
+            if now.duration_since(*t) < INTERVAL {
                 return true;
             }
-            if *n == 0 {
-                return false;
+            if *n > 0 {
+                emit(*ip, *n);
             }
-            log(*ip, *n);
-            *t = now;
-            *n = 0;
-            true
+            false
         });
+        if map.len() >= MAX_TRACKED {
+            // More than MAX_TRACKED IPs dropped within one interval: this one is counted in
+            // the metrics only; a line each would let a spray flood the log.
+            return;
+        }
     }
+    match map.get_mut(&ip) {
+        // Within the interval of the last line: counted, told by `flush`.
+        Some(e) if now.duration_since(e.0) < INTERVAL => e.1 += 1,
+        // The interval is over and the flush timer has not run yet: tell the count now.
+        Some(e) => {
+            emit(ip, e.1 + 1);
+            *e = (now, 0);
+        }
+        None => {
+            emit(ip, 1);
+            map.insert(ip, (now, 0));
+        }
+    }
+}
+
+fn flush_at(map: &mut Counts, now: Instant, all: bool, emit: &mut dyn FnMut(IpAddr, u64)) {
+    map.retain(|ip, (t, n)| {
+        if now.duration_since(*t) < INTERVAL && !all {
+            return true;
+        }
+        if *n == 0 {
+            return false;
+        }
+        emit(*ip, *n);
+        *t = now;
+        *n = 0;
+        true
+    });
 }
 
 fn log(ip: IpAddr, dropped: u64) {
@@ -65,3 +90,29 @@ fn log(ip: IpAddr, dropped: u64) {
 
 /// The summary interval, for the caller's flush timer.
 pub const FLUSH_EVERY: Duration = INTERVAL;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_drop_is_in_some_line_when_the_flood_outlasts_the_interval() {
+        let mut map = Counts::new();
+        let mut lines: Vec<(IpAddr, u64)> = Vec::new();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let t0 = Instant::now();
+        // 100 drops a second for 25 s; the flush timer ticks every 10 s, out of step.
+        let mut drops = 0;
+        for ms in (0..25_000u64).step_by(10) {
+            let now = t0 + Duration::from_millis(ms);
+            record_at(&mut map, ip, now, &mut |ip, n| lines.push((ip, n)));
+            drops += 1;
+            if ms % 10_000 == 7_000 {
+                flush_at(&mut map, now, false, &mut |ip, n| lines.push((ip, n)));
+            }
+        }
+        flush_at(&mut map, t0 + Duration::from_secs(26), true, &mut |ip, n| lines.push((ip, n)));
+        assert_eq!(lines.iter().map(|l| l.1).sum::<u64>(), drops, "{lines:?}");
+        assert!(lines.len() <= 5, "at most one line per 10 s, and the last at exit: {lines:?}");
+    }
+}
