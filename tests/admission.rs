@@ -227,6 +227,76 @@ async fn plain_http_passes_through_scrubbed_and_a_dead_backend_is_502() {
 }
 
 #[tokio::test]
+async fn passthrough_keeps_alive_within_bounds_and_logs_what_hyper_refuses() {
+    // A backend answering one plain request per connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = read_http_head(&mut tcp).await;
+                let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                let _ = tcp.read(&mut [0u8; 64]).await;
+            });
+        }
+    });
+    let pki = Pki::new();
+    let cfg = config(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"1s\"\nhttp = \"proxy\"");
+    let proxy = Proxy::start(&pki, &cfg);
+    async fn answer(s: &mut tokio_rustls::client::TlsStream<TcpStream>) -> String {
+        let mut got = Vec::new();
+        loop {
+            let mut b = [0u8; 1024];
+            match tokio::time::timeout(Duration::from_secs(6), s.read(&mut b)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&b[..n]),
+                _ => break,
+            }
+            let text = String::from_utf8_lossy(&got);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len = text[..end]
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().to_string()))
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + len {
+                    break;
+                }
+            }
+        }
+        String::from_utf8_lossy(&got).to_string()
+    }
+
+    // 150 short headers are far under the 16 KiB head: passed as on the upgrade path, also
+    // as a second request on the connection (hyper's own limit would be 100).
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let req = format!("GET /a HTTP/1.1\r\nHost: localhost\r\n{many}\r\n");
+    let mut s = raw_tls(&proxy, &pki).await;
+    s.write_all(req.as_bytes()).await.unwrap();
+    assert_eq!(status_of(&answer(&mut s).await), 200);
+    s.write_all(req.as_bytes()).await.unwrap();
+    assert_eq!(status_of(&answer(&mut s).await), 200);
+
+    // A head over 16 KiB as the next request: 431 from hyper, logged and counted like ours.
+    let big = format!("GET /b HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n", "a".repeat(17 * 1024));
+    s.write_all(big.as_bytes()).await.unwrap();
+    assert_eq!(status_of(&answer(&mut s).await), 431);
+    assert!(rejection_logged(&proxy, "headers_too_large", 431).await, "{}", proxy.log_text());
+    assert!(handshakes(&proxy, "headers_too_large").await >= 1.0);
+
+    // A kept-alive connection whose next head never completes is closed by handshake_timeout
+    // (3 s here), not held open for ever.
+    let mut s = raw_tls(&proxy, &pki).await;
+    s.write_all(b"GET /c HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    assert_eq!(status_of(&answer(&mut s).await), 200);
+    s.write_all(b"GET /d HTTP/1.1\r\nHost: loc").await.unwrap();
+    let started = Instant::now();
+    let mut b = [0u8; 256];
+    let end = tokio::time::timeout(Duration::from_secs(8), s.read(&mut b)).await;
+    assert!(matches!(end, Ok(Ok(0)) | Ok(Err(_))), "still open after {:?}", started.elapsed());
+    assert!(started.elapsed() >= Duration::from_secs(2), "closed too early: {:?}", started.elapsed());
+}
+
+#[tokio::test]
 async fn passthrough_ignores_other_upgrades_and_refuses_a_websocket_upgrade_after_a_request() {
     // A backend answering one plain request per connection; it reports each head it read.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

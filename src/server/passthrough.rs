@@ -21,6 +21,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// How long a backend may take to send its response head.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Headers per request hyper parses (its default is 100). The upgrade path takes as many as
+/// fit in the 16 KiB head; here each request reserves room for this many (32 bytes each),
+/// so it is a bound rather than the head's worst case of one header per 4 bytes.
+const MAX_HEADERS: usize = 1024;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -90,6 +94,9 @@ where
     let mut pre = encode_head(&head);
     pre.extend_from_slice(&leftover);
     let io = TokioIo::new(Prefixed { pre, pos: 0, inner: io });
+    // The next request's head must arrive within `handshake_timeout`, as the first one did:
+    // a kept-alive connection is not a way around the slowloris bound, and an idle one ends.
+    let head_timeout = policy.config.server.handshake_timeout.get();
     let svc_shared = shared.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let shared = svc_shared.clone();
@@ -97,16 +104,38 @@ where
         async move { Ok::<_, std::convert::Infallible>(handle(&shared, &policy, req, peer_ip).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .max_headers(MAX_HEADERS)
         .max_buf_size(super::MAX_HEAD.max(8192))
         .serve_connection(io, service);
     tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
         _ = shared.shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            tokio::time::timeout(Duration::from_secs(5), conn).await.unwrap_or(Ok(()))
         }
+    };
+    if let Err(e) = result {
+        hyper_refused(&shared, peer_ip, &e);
     }
+}
+
+/// hyper answers a request head it cannot parse itself (431, 400) and then ends the
+/// connection with the error: that answer is a rejection like ours, logged once and counted.
+/// A head that did not come in time ends the connection without an answer, as most often it
+/// is a kept-alive connection gone quiet, which is no one's fault.
+fn hyper_refused(shared: &Shared, peer_ip: IpAddr, e: &hyper::Error) {
+    let r = if e.is_parse_too_large() {
+        super::Rejection::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large")
+    } else if e.is_parse() {
+        super::Rejection::new(StatusCode::BAD_REQUEST, "bad_request")
+    } else {
+        return;
+    };
+    shared.metrics.handshake(r.reason);
+    super::log_rejected(peer_ip, &r, true);
 }
 
 async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_ip: IpAddr) -> Response<Body> {
