@@ -11,7 +11,7 @@ pub fn mint(secret: &[u8], sub: &str, ttl: Duration, aud: Option<&str>, iss: Opt
         return Err(format!("the secret is {} bytes; at least 32 are required", secret.len()));
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs();
-    let mut claims = json!({ "sub": sub, "iat": now, "exp": now + ttl.as_secs() });
+    let mut claims = json!({ "sub": sub, "iat": now, "exp": now.saturating_add(ttl.as_secs()) });
     if let Some(a) = aud {
         claims["aud"] = json!(a);
     }

@@ -205,6 +205,10 @@ impl Upstream {
             c.alpn_protocols = vec![b"http/1.1".to_vec()];
             Some(tokio_rustls::TlsConnector::from(Arc::new(c)))
         } else {
+            // Unused with ws://, but a file the config names must exist and parse all the same.
+            if cfg.ca_file.is_some() {
+                crate::tls::client_config(cfg.ca_file.as_deref(), "backend.ca_file")?;
+            }
             None
         };
         Ok(Upstream { url, tls, timeout: cfg.connect_timeout.get() })

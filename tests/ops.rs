@@ -971,6 +971,19 @@ fn check_refuses_broken_configs_naming_the_key() {
             &["tls", "match"],
         ),
         ("missing auth.mode", Box::new(|t| t.replacen("mode = \"jwt\"\n", "", 1)), SECRET, &["auth.mode"]),
+        (
+            // Named but unused (the example's backend is ws://): still a file that must be there.
+            "missing backend.ca_file",
+            Box::new(|t| t.replace("# ca_file = \"/etc/wsgate/backend-ca.pem\"", "ca_file = \"/nonexistent/ca.pem\"")),
+            SECRET,
+            &["backend.ca_file", "/nonexistent/ca.pem"],
+        ),
+        (
+            "absurd duration",
+            Box::new(|t| t.replace("handshake_timeout = \"10s\"", "handshake_timeout = \"300000000000y\"")),
+            SECRET,
+            &["handshake_timeout", "too long"],
+        ),
         ("short HMAC secret", Box::new(|t| t), "too-short", &["auth.secret_env", "32"]),
         ("HMAC secret variable unset", Box::new(|t| t), "", &["auth.secret_env", "WSGATE_JWT_SECRET"]),
     ];

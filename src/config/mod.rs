@@ -694,6 +694,8 @@ secret_env = "X"
             (format!("{BASE}algorithms = [\"none\"]\n"), "never"),
             (format!("{BASE}[limits]\nmax_frame_size = 0\n"), "limits.max_frame_size"),
             (format!("{BASE}[limits]\nidle_timeout = \"soon\"\n"), "invalid duration"),
+            (format!("{BASE}[limits]\nidle_timeout = \"300000000000y\"\n"), "too long"),
+            (format!("{BASE}leeway = \"100y\"\n"), "too long"),
             (BASE.replace("ws://127.0.0.1:8080", "ws://127.0.0.1:8080/x?y=1"), "query"),
             (BASE.replace("ws://127.0.0.1:8080", "http://127.0.0.1:8080"), "backend.url"),
         ];

@@ -16,12 +16,21 @@ impl Dur {
     }
 }
 
+/// The longest duration any setting takes. Timers add durations to the clock and the JWT
+/// check subtracts the leeway from it; a bound far above any sensible setting keeps every
+/// such sum in range (a leeway of about 56 years would wrap the JWT check's arithmetic).
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+        let d = humantime::parse_duration(s.trim()).map_err(|e| {
             de::Error::custom(format!("invalid duration {s:?} ({e}); write e.g. \"500ms\", \"30s\", \"5m\""))
-        })
+        })?;
+        if d > MAX_DURATION {
+            return Err(de::Error::custom(format!("duration {s:?} is too long (at most 10 years)")));
+        }
+        Ok(Dur(d))
     }
 }
 
