@@ -315,7 +315,9 @@ async fn connection(
         return reject(&shared, &mut tls, client_ip, start, r).await;
     }
     let Some(key) = valid_upgrade(&head) else {
-        let r = Rejection::new(StatusCode::BAD_REQUEST, "bad_request");
+        // RFC 6455 §4.4: a refused upgrade (perhaps of another version) names the one we speak.
+        let r = Rejection::new(StatusCode::BAD_REQUEST, "bad_request")
+            .with(hyper::header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return reject(&shared, &mut tls, client_ip, start, r).await;
     };
 

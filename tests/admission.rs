@@ -482,6 +482,8 @@ async fn plain_request_gets_426_and_malformed_upgrades_get_400() {
     for req in &bad {
         let resp = raw_request(&proxy, &pki, "127.0.0.1", req.as_bytes()).await;
         assert_eq!(status_of(&resp), 400, "{req}\n=> {resp}");
+        // RFC 6455 §4.4: the refusal names the version the proxy speaks.
+        assert_eq!(header_of(&resp, "sec-websocket-version").as_deref(), Some("13"), "{resp}");
     }
     // Garbage that is not HTTP at all.
     let resp = raw_request(&proxy, &pki, "127.0.0.1", b"\x01\x02 nonsense\r\n\r\n").await;
