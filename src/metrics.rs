@@ -10,9 +10,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// Every `result` of `wsgate_handshakes_total` (DESIGN.md, Operations and fine print; plus
-/// `draining`: an upgrade in flight when the drain started, answered 503).
-pub const HANDSHAKE_RESULTS: [&str; 16] = [
+/// Every `result` of `wsgate_handshakes_total` that DESIGN.md lists (Operations and fine
+/// print), exported at 0 from the start. One more, `draining` (an upgrade in flight when the
+/// drain started, answered 503), appears only once it happens: a process that never drained
+/// shows only the contract's values.
+pub const HANDSHAKE_RESULTS: [&str; 15] = [
     "accepted",
     "pending_dropped",
     "handshake_timeout",
@@ -28,7 +30,6 @@ pub const HANDSHAKE_RESULTS: [&str; 16] = [
     "backend_timeout",
     "bad_request",
     "tls_failed",
-    "draining",
 ];
 
 /// `result` label of handshakes and reloads.
