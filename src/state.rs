@@ -184,7 +184,11 @@ impl Shared {
     /// Re-reads the config file and swaps the policy in; a bad config is refused and the old
     /// one stays. Returns the error text when refused.
     pub async fn reload(&self) -> Result<(), String> {
-        let Some(path) = &self.config_path else { return Err("no config file to reload".into()) };
+        let Some(path) = &self.config_path else {
+            // `wsgate demo` writes its config to a temporary directory and does not read it back.
+            tracing::warn!(event = "reload", result = "refused", error = "no config file to reload (demo)");
+            return Err("no config file to reload".into());
+        };
         let result = async {
             let cfg = Config::load(path).map_err(|e| e.to_string())?;
             Policy::build(cfg).await.map_err(|e| e.to_string())
