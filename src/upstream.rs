@@ -349,7 +349,9 @@ async fn connect_addr(addr: std::net::SocketAddr, first: &[u8]) -> io::Result<(T
         true => 0,
         false => match sock.send(first) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            // Linux answers EAGAIN while the handshake is under way; ENOTCONN is the other
+            // answer a kernel may give then. Either way the wait below settles it.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::ENOTCONN) => 0,
             Err(e) => return Err(e),
         },
     };
