@@ -882,6 +882,15 @@ mod tests {
 
     const LIMIT: Duration = Duration::from_secs(3);
 
+    /// A session between two in-memory peers, and the peers' ends (client, backend).
+    fn session_between(drain: &Drain) -> (impl Future<Output = SessionEnd> + '_, DuplexStream, DuplexStream) {
+        let (client, client_peer) = duplex(1 << 16);
+        let (backend, backend_peer) = duplex(1 << 16);
+        let session =
+            run(client, Vec::new(), backend, Vec::new(), policy(), CancellationToken::new(), drain, &NoTraffic);
+        (session, client_peer, backend_peer)
+    }
+
     #[tokio::test]
     async fn a_backend_write_that_fails_closes_the_client_with_1011() {
         let (client, mut client_peer) = duplex(1 << 16);
@@ -906,11 +915,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_close_the_vanished_backend_never_answered_is_answered_to_the_client() {
-        let (client, mut client_peer) = duplex(1 << 16);
-        let (backend, mut backend_peer) = duplex(1 << 16);
         let drain = Drain::default();
-        let session =
-            run(client, Vec::new(), backend, Vec::new(), policy(), CancellationToken::new(), &drain, &NoTraffic);
+        let (session, mut client_peer, mut backend_peer) = session_between(&drain);
         let peers = async {
             let close = frame::close_payload(1000, "bye");
             client_peer.write_all(&frame_bytes(OP_CLOSE, Some([9, 8, 7, 6]), &close)).await.unwrap();
@@ -929,11 +935,8 @@ mod tests {
 
     #[tokio::test]
     async fn no_pong_follows_a_close_frame() {
-        let (client, mut client_peer) = duplex(1 << 16);
-        let (backend, mut backend_peer) = duplex(1 << 16);
         let drain = Drain::default();
-        let session =
-            run(client, Vec::new(), backend, Vec::new(), policy(), CancellationToken::new(), &drain, &NoTraffic);
+        let (session, mut client_peer, mut backend_peer) = session_between(&drain);
         let peers = async {
             let close = frame::close_payload(1000, "");
             client_peer.write_all(&frame_bytes(OP_CLOSE, Some([9, 8, 7, 6]), &close)).await.unwrap();

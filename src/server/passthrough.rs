@@ -134,8 +134,7 @@ fn hyper_refused(shared: &Shared, peer_ip: IpAddr, e: &hyper::Error) {
     } else {
         return;
     };
-    shared.metrics.handshake(r.reason);
-    super::log_rejected(peer_ip, &r, true);
+    note_rejection(shared, peer_ip, &r);
 }
 
 async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_ip: IpAddr) -> Response<Body> {
@@ -208,7 +207,12 @@ async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_i
 
 /// Logs and counts a refused passthrough request, and answers it.
 fn rejected(shared: &Shared, client_ip: IpAddr, r: super::Rejection) -> Response<Body> {
-    shared.metrics.handshake(r.reason);
-    super::log_rejected(client_ip, &r, true);
+    note_rejection(shared, client_ip, &r);
     plain(r.status, &r.headers)
+}
+
+/// The count and the one log line of a passthrough rejection, whoever answered it.
+fn note_rejection(shared: &Shared, client_ip: IpAddr, r: &super::Rejection) {
+    shared.metrics.handshake(r.reason);
+    super::log_rejected(client_ip, r, true);
 }
