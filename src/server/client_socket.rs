@@ -7,7 +7,10 @@
 //! arrives. Held here, they go out in the same write as the 101 (or the rejection): one
 //! syscall, one packet and one wake-up of the client less per connection. A ticket only
 //! matters for a later connection; the one cost is that a connection the client opens
-//! before this one's 101 arrives cannot resume with it.
+//! before this one's 101 arrives cannot resume with it. Holding them must not hold the
+//! client up: a client with Nagle's algorithm on waits for the ACK of its `Finished` before
+//! it sends the request, so when the request is not there after the handshake that ACK is
+//! sent at once (see `poll_read`).
 //!
 //! What is held, during the handshake only: a write made after the client's data was read,
 //! that starts with an encrypted (application data) record. In TLS 1.3 that can only be the
@@ -44,6 +47,16 @@ pub struct ClientSocket {
     /// Bytes held back, and how many of them have been sent.
     held: Vec<u8>,
     sent: usize,
+    /// The client's data was ACKed at once after the handshake (see `poll_read`).
+    acked: bool,
+}
+
+/// Sends the ACK the kernel is holding back for what was read, now; false when it cannot.
+fn ack_now(tcp: &TcpStream) -> bool {
+    #[cfg(target_os = "linux")]
+    return socket2::SockRef::from(tcp).set_tcp_quickack(true).is_ok();
+    #[cfg(not(target_os = "linux"))]
+    return false;
 }
 
 impl ClientSocket {
@@ -57,6 +70,7 @@ impl ClientSocket {
             read_since_write: false,
             held: Vec::new(),
             sent: 0,
+            acked: false,
         }
     }
 
@@ -96,7 +110,20 @@ impl AsyncRead for ClientSocket {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        ready!(Pin::new(&mut this.tcp).poll_read(cx, buf))?;
+        let r = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        if r.is_pending() && !this.handshaking && !this.acked {
+            // The handshake is over and the request is not here yet. A client with Nagle's
+            // algorithm on (the default of most TCP stacks) holds its request back until its
+            // `Finished` is ACKed, and with no data to carry it (held tickets; nothing at all
+            // after a resumed TLS 1.2 handshake) the kernel delays that ACK by 40 ms: it is
+            // sent now, on its own. Sending the tickets would do too, at the cost of a write
+            // and a wake-up of the client.
+            this.acked = true;
+            if !ack_now(&this.tcp) {
+                let _ = this.poll_send_held(cx);
+            }
+        }
+        ready!(r)?;
         if this.handshaking && buf.filled().len() > before {
             this.read_since_write = true;
         }
