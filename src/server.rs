@@ -98,11 +98,11 @@ enum HeadError {
     Malformed,
 }
 
-/// Reads the request head until `\r\n\r\n`; returns it and any bytes after it.
+/// Reads the request head until its empty line; returns it and any bytes after it.
 async fn read_head<S: AsyncRead + Unpin>(io: &mut S, deadline: Instant) -> Result<(Head, Vec<u8>), HeadError> {
     let mut buf = Vec::with_capacity(2048);
     loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4) {
+        if let Some(end) = head_end(&buf) {
             let head = parse_head(&buf[..end])?;
             return Ok((head, buf.split_off(end)));
         }
@@ -119,6 +119,33 @@ async fn read_head<S: AsyncRead + Unpin>(io: &mut S, deadline: Instant) -> Resul
             Ok(Ok(_)) => {}
         }
     }
+}
+
+/// Where the head ends: after the first empty line. Lines may end in a bare LF (RFC 9112
+/// §2.2 lets a server accept it, as nginx and hyper do); the request sent on is rebuilt, so
+/// the backend sees CRLF either way.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = buf[from..].iter().position(|&b| b == b'\n').map(|i| from + i) {
+        match buf.get(i + 1..) {
+            Some([b'\n', ..]) => return Some(i + 2),
+            Some([b'\r', b'\n', ..]) => return Some(i + 3),
+            _ => from = i + 1,
+        }
+    }
+    None
+}
+
+/// The request target as path and query. The absolute form (`GET https://host/chat`), which
+/// a server must accept (RFC 9112 §3.2.2), is reduced to its path and query; `*` and the
+/// authority form name no resource.
+fn origin_form(target: &str) -> Option<String> {
+    if target.starts_with('/') {
+        return Some(target.to_string());
+    }
+    let uri: hyper::Uri = target.parse().ok()?;
+    uri.scheme()?;
+    Some(uri.path_and_query().map_or("/", |p| p.as_str()).to_string())
 }
 
 fn parse_head(bytes: &[u8]) -> Result<Head, HeadError> {
@@ -144,10 +171,16 @@ fn parse_head(bytes: &[u8]) -> Result<Head, HeadError> {
         let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Malformed)?;
         headers.append(name, value);
     }
+    let version = req.version.unwrap_or(1);
+    // HTTP/1.1 requires exactly one Host (RFC 9112 §3.2: 400 otherwise); 1.0 at most one.
+    let hosts = headers.get_all(hyper::header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && version >= 1) {
+        return Err(HeadError::Malformed);
+    }
     Ok(Head {
         method: req.method.unwrap_or("").to_string(),
-        target: req.path.unwrap_or("/").to_string(),
-        version: req.version.unwrap_or(1),
+        target: origin_form(req.path.unwrap_or("/")).ok_or(HeadError::Malformed)?,
+        version,
         headers,
     })
 }

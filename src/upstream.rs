@@ -123,6 +123,17 @@ pub fn is_reserved_header(name: &HeaderName) -> bool {
     RESERVED.contains(&name.as_str())
 }
 
+/// `name` with underscores read as dashes, when it has any. CGI, WSGI and Rack backends turn
+/// both into one variable (`X_Real_IP` and `X-Real-IP` are both `HTTP_X_REAL_IP`), so a
+/// client's underscore spelling of a header the proxy removes would spoof it.
+fn dashed(name: &HeaderName) -> Option<HeaderName> {
+    let s = name.as_str();
+    if !s.contains('_') {
+        return None;
+    }
+    HeaderName::from_bytes(s.replace('_', "-").as_bytes()).ok()
+}
+
 /// Why the backend handshake failed: 502 or 504.
 #[derive(Debug)]
 pub enum UpstreamError {
@@ -460,9 +471,10 @@ impl BackendRequest {
         // §7.6.1), such as an h2c offer's `HTTP2-Settings`. What the proxy sets itself is
         // inserted below, after this filter, so naming it here changes nothing.
         let hop_by_hop = |name: &HeaderName| header_has_token(client_headers, hyper::header::CONNECTION, name.as_str());
+        let removed = |name: &HeaderName| is_reserved_header(name) || drop.contains(name) || hop_by_hop(name);
         let mut headers = HeaderMap::with_capacity(client_headers.len() + 4);
         for (name, value) in client_headers {
-            if is_reserved_header(name) || drop.contains(name) || hop_by_hop(name) {
+            if removed(name) || dashed(name).is_some_and(|d| removed(&d)) {
                 continue;
             }
             headers.append(name.clone(), value.clone());

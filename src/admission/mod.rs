@@ -81,6 +81,16 @@ pub fn check_rate(shared: &Shared, policy: &Policy, client_ip: IpAddr) -> Result
     Ok(key)
 }
 
+/// Whether the request's Origin passes. Every Origin header must: a browser sends one, and a
+/// second could be the one the backend reads.
+fn origins_allowed(allow: &origin::OriginPolicy, headers: &HeaderMap) -> bool {
+    let mut origins = headers.get_all(ORIGIN).iter().peekable();
+    match origins.peek() {
+        None => allow.allows(None),
+        Some(_) => origins.all(|o| allow.allows(Some(o.as_bytes()))),
+    }
+}
+
 /// Runs the admission checks after the request was recognised as a well-formed upgrade.
 pub async fn admit(
     shared: &Shared,
@@ -91,7 +101,7 @@ pub async fn admit(
 ) -> Result<Admitted, Rejection> {
     let key = check_rate(shared, policy, client_ip)?;
 
-    if !policy.origin.allows(headers.get(ORIGIN).map(|v| v.as_bytes())) {
+    if !origins_allowed(&policy.origin, headers) {
         return Err(Rejection::new(StatusCode::FORBIDDEN, "origin_denied"));
     }
 

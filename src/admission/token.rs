@@ -48,8 +48,36 @@ pub fn protocols_for_backend(protocols: &[String], sources: &[TokenSource]) -> V
 fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == name).then_some(v)
+        param_is(k, name).then_some(v)
     })
+}
+
+/// Whether a query parameter's name, percent-decoded as the backend's query parser will
+/// decode it, is `name`: `access%5Ftoken` is `access_token` to the backend, so it is
+/// scrubbed (and read) as one.
+fn param_is(raw: &str, name: &str) -> bool {
+    if raw == name {
+        return true;
+    }
+    if !raw.contains('%') {
+        return false;
+    }
+    let (raw, name) = (raw.as_bytes(), name.as_bytes());
+    let (mut i, mut j) = (0, 0);
+    while i < raw.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        let (byte, step) = match (raw[i], raw.get(i + 1).copied().and_then(hex), raw.get(i + 2).copied().and_then(hex))
+        {
+            (b'%', Some(h), Some(l)) => ((h * 16 + l) as u8, 3),
+            (b, _, _) => (b, 1),
+        };
+        if name.get(j) != Some(&byte) {
+            return false;
+        }
+        i += step;
+        j += 1;
+    }
+    j == name.len()
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -107,7 +135,7 @@ pub fn scrub_path(path_and_query: &str, sources: &[TokenSource]) -> String {
         .split('&')
         .filter(|kv| {
             let k = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
-            !kv.is_empty() && !names.contains(&k)
+            !kv.is_empty() && !names.iter().any(|n| param_is(k, n))
         })
         .collect();
     if kept.is_empty() {
@@ -206,6 +234,13 @@ mod tests {
     fn scrubbing() {
         assert_eq!(scrub_path("/c?access_token=x&room=1", &all()), "/c?room=1");
         assert_eq!(scrub_path("/c?access_token=x", &all()), "/c");
+        // The backend's query parser decodes names: an encoded one is the same parameter.
+        assert_eq!(scrub_path("/c?access%5Ftoken=x&%61ccess_toke%6e=y&a=%5F", &all()), "/c?a=%5F");
+        assert_eq!(
+            scrub_path("/c?access%5Ftokens=x&access%5=y&access%5F=z", &all()),
+            "/c?access%5Ftokens=x&access%5=y&access%5F=z"
+        );
+        assert_eq!(extract(&all(), &HeaderMap::new(), Some("access%5ftoken=QT"), &[]).unwrap().token, "QT");
         let mut h = HeaderMap::new();
         h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
         h.append(COOKIE, HeaderValue::from_static("a=1; access_token=CK"));
