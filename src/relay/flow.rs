@@ -303,19 +303,26 @@ impl Flow {
                 }
             }
         }
+        let payload = &mut frame_bytes[h.header_len..];
         if self.dropping {
+            // A dropped text message is still checked: the rules that end a session do not
+            // depend on whether its message is passed on. Its bytes go nowhere, so they are
+            // unmasked in place.
+            if self.text {
+                if let Some(m) = h.mask {
+                    frame::apply_mask(payload, m);
+                }
+                self.check_utf8(payload, h.fin)?;
+            }
             return Ok(false);
         }
 
-        let payload = &mut frame_bytes[h.header_len..];
         match h.mask {
             Some(old) => {
                 let new = masks.next_mask();
                 if self.text {
                     frame::apply_mask(payload, old);
-                    if !self.utf8.feed(payload, h.fin) {
-                        return Err(v(1007, 1001, "invalid UTF-8 in text message"));
-                    }
+                    self.check_utf8(payload, h.fin)?;
                     frame::apply_mask(payload, new);
                 } else {
                     let x = [old[0] ^ new[0], old[1] ^ new[1], old[2] ^ new[2], old[3] ^ new[3]];
@@ -327,8 +334,8 @@ impl Flow {
                 // Backend text is checked too: a browser fails the whole connection on invalid
                 // UTF-8 with no close code to show for it; the proxy closes cleanly instead
                 // (1007 to the backend, 1001 to the client, like an oversized message).
-                if self.text && !self.utf8.feed(payload, h.fin) {
-                    return Err(v(1007, 1001, "invalid UTF-8 in text message"));
+                if self.text {
+                    self.check_utf8(payload, h.fin)?;
                 }
             }
         }
@@ -337,6 +344,15 @@ impl Flow {
             self.msgs += 1;
         }
         Ok(true)
+    }
+
+    /// Feeds an unmasked text payload to the UTF-8 check: 1007 to the source when invalid.
+    fn check_utf8(&mut self, payload: &[u8], fin: bool) -> Result<(), Violation> {
+        if self.utf8.feed(payload, fin) {
+            Ok(())
+        } else {
+            Err(v(1007, 1001, "invalid UTF-8 in text message"))
+        }
     }
 }
 
@@ -448,6 +464,13 @@ mod tests {
         let s = run(&mut f, &p, &mut buf);
         assert_eq!((s.nsegs, f.msgs, f.rate_limited), (1, 1, 1));
         assert_eq!(s.consumed, buf.len());
+
+        // A message dropped for the rate is still checked as text: invalid UTF-8 is 1007.
+        let mut bad = client_frame(false, OP_TEXT, b"ok");
+        bad.extend(client_frame(true, OP_CONT, b"\xff"));
+        let s = run(&mut f, &p, &mut bad);
+        assert_eq!((s.nsegs, f.rate_limited), (0, 2));
+        assert!(matches!(s.stop, Some(Stop::Violation(Violation { to_source: 1007, .. }))), "{s:?}");
     }
 
     #[test]

@@ -467,6 +467,19 @@ impl State {
     }
 }
 
+/// Answers `peer`'s close on behalf of the other side, which will not (it vanished, or let the
+/// close handshake time out), with the session's close code: RFC 6455 §5.5.1 wants every
+/// close answered, and `peer` should not be left waiting for a reply.
+fn answer_close<S: RelayIo>(peer: &mut Side<S>, peer_is_backend: bool, st: &mut State) {
+    if peer.close_read && !peer.close_sent {
+        let code = st.end.map_or(1005, |(c, _, _)| c);
+        let payload = if code == 1005 { Vec::new() } else { frame::close_payload(code, "") };
+        let m = peer_is_backend.then(|| st.masks.next_mask());
+        peer.queue_frame(OP_CLOSE, m, &payload);
+        peer.close_sent = true;
+    }
+}
+
 /// The proxy closes the session: `client_code` to the client, `backend_code` to the backend.
 fn proxy_close<C, B>(
     client: &mut Side<C>,
@@ -576,6 +589,12 @@ where
                         if drain_seen {
                             drain.cut.fetch_add(1, Ordering::Relaxed);
                         }
+                        // A close the other side never answered is answered now, if the
+                        // socket takes it at once.
+                        answer_close(&mut client, false, &mut st);
+                        answer_close(&mut backend, true, &mut st);
+                        client.poll_out(cx);
+                        backend.poll_out(cx);
                         return Poll::Ready(());
                     }
                     timer.as_mut().reset(st.next_deadline().into());
@@ -774,15 +793,8 @@ where
                 }
             }
         } else {
-            if dst.close_read && !dst.close_sent {
-                // `dst`'s close went to `src`, which vanished instead of answering it: answer
-                // it here with the same code, so `dst` is not left waiting for a reply.
-                let code = st.end.map_or(1005, |(c, _, _)| c);
-                let payload = if code == 1005 { Vec::new() } else { frame::close_payload(code, "") };
-                let m = (from == Source::Client).then(|| st.masks.next_mask());
-                dst.queue_frame(OP_CLOSE, m, &payload);
-                dst.close_sent = true;
-            }
+            // `dst`'s close went to `src`, which vanished instead of answering it.
+            answer_close(dst, from == Source::Client, st);
             st.closing_deadline.get_or_insert(now + CLOSE_TIMEOUT);
         }
         return true;
@@ -931,6 +943,28 @@ mod tests {
         let (op, payload) = got.expect("a close frame for the client");
         assert_eq!((op, &payload[..]), (OP_CLOSE, &1000u16.to_be_bytes()[..]));
         assert_eq!(end.code, 1000);
+    }
+
+    #[tokio::test]
+    async fn a_close_the_backend_lets_time_out_is_answered_to_the_client() {
+        let drain = Drain::default();
+        let (session, mut client_peer, mut backend_peer) = session_between(&drain);
+        let peers = async {
+            let close = frame::close_payload(4005, "done");
+            client_peer.write_all(&frame_bytes(OP_CLOSE, Some([9, 8, 7, 6]), &close)).await.unwrap();
+            let forwarded = read_frame(&mut backend_peer).await.unwrap();
+            assert_eq!(forwarded.0, OP_CLOSE);
+            // The backend stays connected and never answers.
+            let got = read_frame(&mut client_peer).await;
+            drop(backend_peer);
+            got
+        };
+        let (end, got) = tokio::time::timeout(CLOSE_TIMEOUT + LIMIT, async { tokio::join!(session, peers) })
+            .await
+            .expect("the session outlived its close timeout");
+        let (op, payload) = got.expect("a close frame for the client, not just the end of the stream");
+        assert_eq!((op, &payload[..]), (OP_CLOSE, &4005u16.to_be_bytes()[..]));
+        assert_eq!(end.code, 4005);
     }
 
     #[tokio::test]
