@@ -119,7 +119,7 @@ impl Metrics {
             Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         r.register(
             "wsgate_handshake_duration_seconds",
-            "Time from the upgrade request to its answer",
+            "Time from accepting the connection (TLS included) to the answer to its upgrade request",
             handshake_duration.clone(),
         );
         let config_reloads = Family::<ResultLabel, Counter>::default();

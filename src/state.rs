@@ -130,6 +130,21 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// Where the config came from (reload), if a file.
     pub config_path: Option<PathBuf>,
+    /// What a reload cannot change, as the process started with it.
+    fixed: Fixed,
+}
+
+/// The settings that take a restart: listen addresses and the log format.
+struct Fixed {
+    listen: Vec<std::net::SocketAddr>,
+    admin: std::net::SocketAddr,
+    format: crate::config::LogFormat,
+}
+
+impl Fixed {
+    fn of(c: &Config) -> Fixed {
+        Fixed { listen: c.server.listen.addrs(), admin: c.admin.listen, format: c.log.format }
+    }
 }
 
 impl Shared {
@@ -139,6 +154,7 @@ impl Shared {
         metrics.set_certs(&policy.certs);
         let memory_limiter = MemoryLimiter::new();
         Arc::new(Shared {
+            fixed: Fixed::of(&policy.config),
             policy: ArcSwap::from_pointee(policy),
             limiter: memory_limiter.clone(),
             memory_limiter,
@@ -196,16 +212,16 @@ impl Shared {
         .await;
         match result {
             Ok(p) => {
-                let old = self.policy.load();
-                if old.config.server.listen.addrs() != p.config.server.listen.addrs()
-                    || old.config.admin.listen != p.config.admin.listen
-                {
+                // Compared with what runs, not with the last reload: a reload back to the
+                // running values warns no more, and one that repeats a change still does.
+                let new = Fixed::of(&p.config);
+                if new.listen != self.fixed.listen || new.admin != self.fixed.admin {
                     tracing::warn!(
                         event = "reload",
                         "listen addresses change only on restart; keeping the current listeners"
                     );
                 }
-                if old.config.log.format != p.config.log.format {
+                if new.format != self.fixed.format {
                     tracing::warn!(event = "reload", "log.format changes only on restart; keeping the current format");
                 }
                 if let Err(e) = crate::logging::set_level(&p.config.log.level) {
