@@ -903,6 +903,13 @@ mod tests {
         (session, client_peer, backend_peer)
     }
 
+    /// The client sends a close with `payload`; returns once the backend has read it.
+    async fn client_close_forwarded(client_peer: &mut DuplexStream, backend_peer: &mut DuplexStream, payload: &[u8]) {
+        client_peer.write_all(&frame_bytes(OP_CLOSE, Some([9, 8, 7, 6]), payload)).await.unwrap();
+        let forwarded = read_frame(backend_peer).await.unwrap();
+        assert_eq!((forwarded.0, &forwarded.1[..]), (OP_CLOSE, payload));
+    }
+
     #[tokio::test]
     async fn a_backend_write_that_fails_closes_the_client_with_1011() {
         let (client, mut client_peer) = duplex(1 << 16);
@@ -930,10 +937,7 @@ mod tests {
         let drain = Drain::default();
         let (session, mut client_peer, mut backend_peer) = session_between(&drain);
         let peers = async {
-            let close = frame::close_payload(1000, "bye");
-            client_peer.write_all(&frame_bytes(OP_CLOSE, Some([9, 8, 7, 6]), &close)).await.unwrap();
-            let forwarded = read_frame(&mut backend_peer).await.unwrap();
-            assert_eq!((forwarded.0, &forwarded.1[..]), (OP_CLOSE, &close[..]));
+            client_close_forwarded(&mut client_peer, &mut backend_peer, &frame::close_payload(1000, "bye")).await;
             drop(backend_peer); // gone without a reply
             read_frame(&mut client_peer).await
         };
@@ -950,10 +954,7 @@ mod tests {
         let drain = Drain::default();
         let (session, mut client_peer, mut backend_peer) = session_between(&drain);
         let peers = async {
-            let close = frame::close_payload(4005, "done");
-            client_peer.write_all(&frame_bytes(OP_CLOSE, Some([9, 8, 7, 6]), &close)).await.unwrap();
-            let forwarded = read_frame(&mut backend_peer).await.unwrap();
-            assert_eq!(forwarded.0, OP_CLOSE);
+            client_close_forwarded(&mut client_peer, &mut backend_peer, &frame::close_payload(4005, "done")).await;
             // The backend stays connected and never answers.
             let got = read_frame(&mut client_peer).await;
             drop(backend_peer);
@@ -973,9 +974,7 @@ mod tests {
         let (session, mut client_peer, mut backend_peer) = session_between(&drain);
         let peers = async {
             let close = frame::close_payload(1000, "");
-            client_peer.write_all(&frame_bytes(OP_CLOSE, Some([9, 8, 7, 6]), &close)).await.unwrap();
-            let forwarded = read_frame(&mut backend_peer).await.unwrap();
-            assert_eq!(forwarded.0, OP_CLOSE);
+            client_close_forwarded(&mut client_peer, &mut backend_peer, &close).await;
             // The backend pings before it reads our close, then answers the close.
             backend_peer.write_all(&frame_bytes(OP_PING, None, b"late")).await.unwrap();
             backend_peer.write_all(&frame_bytes(OP_CLOSE, None, &close)).await.unwrap();
