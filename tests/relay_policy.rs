@@ -272,6 +272,30 @@ async fn message_flood_with_close_gets_1008_at_the_configured_rate() {
 }
 
 #[tokio::test]
+async fn a_client_still_sending_after_its_1008_gets_no_reset() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Sink).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, "messages_per_second = 1\nmessage_burst = 5"));
+    let mut s = raw_upgrade(&proxy, &pki).await;
+    // Over the burst in one write, then more frames for a while, as a client that has not
+    // yet read the proxy's close would send them. None of these writes may meet a reset.
+    let burst: Vec<u8> = (0..20).flat_map(|_| raw_frame(true, 1, true, b"flood")).collect();
+    s.write_all(&burst).await.unwrap();
+    for i in 0..40 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let sent = s.write_all(&raw_frame(true, 1, true, b"late")).await;
+        assert!(sent.is_ok(), "write {i} after the violation failed: {sent:?}");
+    }
+    assert_eq!(raw_expect_close(&mut s).await, (1008, "rate limit exceeded".to_string()));
+    // The close reply is taken too, and the connection then ends without a reset.
+    s.write_all(&raw_frame(true, 8, true, &close_payload(1008, b""))).await.unwrap();
+    let mut rest = Vec::new();
+    let end =
+        tokio::time::timeout(Duration::from_secs(3), tokio::io::AsyncReadExt::read_to_end(&mut s, &mut rest)).await;
+    assert!(matches!(end, Ok(Ok(_))), "the connection did not end cleanly: {end:?}");
+}
+
+#[tokio::test]
 async fn message_rate_under_the_limit_is_not_closed() {
     let pki = Pki::new();
     let mut backend = Backend::start(Mode::Echo).await;

@@ -250,6 +250,33 @@ impl<S: RelayIo> Side<S> {
     fn needs_shutdown(&self) -> bool {
         !self.dead && !(self.finished() && self.close_read && (self.end_queued || !self.io.has_end_message()))
     }
+
+    /// Whether the proxy stopped reading this live peer before its close (a violation): its
+    /// input is then drained before the socket closes (see [`linger`]).
+    fn lingers(&self) -> bool {
+        !self.dead && self.read_done && !self.close_read
+    }
+}
+
+/// Most input a lingering close reads and drops.
+const LINGER_MAX: usize = 1 << 20;
+
+/// Lingering close, like nginx's `lingering_close`: reads and drops a peer's input until its
+/// EOF (the caller bounds the time). Closing a socket with unread input sends a reset, which
+/// fails the peer's writes still in flight and can reach it before it has read the close
+/// frame; drained, the peer's close reply and late frames are taken, and the socket closes
+/// on its EOF.
+async fn linger<S: RelayIo>(io: &mut S) {
+    use tokio::io::AsyncReadExt;
+    // Allocated only here, so it is not part of every session's future.
+    let mut sink = vec![0u8; 4096];
+    let mut total = 0;
+    while total < LINGER_MAX {
+        match io.read(&mut sink).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => total += n,
+        }
+    }
 }
 
 /// What one read-and-process turn of a direction saw.
@@ -649,8 +676,10 @@ where
     .await;
 
     // Best-effort graceful shutdown (TLS close_notify, FIN) where the close alone would not
-    // end the stream properly: a second at most, and never past the drain's deadline.
+    // end the stream properly, and a lingering close for a peer whose input was left unread:
+    // a second at most, and never past the drain's deadline.
     let (client_shut, backend_shut) = (client.needs_shutdown(), backend.needs_shutdown());
+    let (client_linger, backend_linger) = (client.lingers(), backend.lingers());
     if client_shut || backend_shut {
         let mut bound = Duration::from_secs(1);
         if let Some(d) = drain.deadline() {
@@ -664,6 +693,18 @@ where
             if backend_shut {
                 let _ = backend.io.shutdown().await;
             }
+            tokio::join!(
+                async {
+                    if client_linger {
+                        linger(&mut client.io).await
+                    }
+                },
+                async {
+                    if backend_linger {
+                        linger(&mut backend.io).await
+                    }
+                }
+            );
         })
         .await;
     }
