@@ -503,8 +503,20 @@ impl Config {
         if t.proxy_protocol && t.cidrs.is_empty() {
             bail!("trusted_proxies.proxy_protocol: needs trusted_proxies.cidrs (only trusted peers may send a PROXY header)");
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            bail!("log.level: invalid level or filter {:?}", self.log.level);
+        // A bare word is a valid filter to tracing (every event of a target by that name),
+        // so a misspelt level ("inf") would silence the log: each directive must be a level
+        // or name one (`wsgate=debug`).
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        let bare_word = self
+            .log
+            .level
+            .split(',')
+            .any(|d| !d.contains('=') && !LEVELS.iter().any(|l| d.trim().eq_ignore_ascii_case(l)));
+        if bare_word || tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            bail!(
+                "log.level: {:?} is not a level (trace, debug, info, warn, error, off) or a filter such as \"info,wsgate=debug\"",
+                self.log.level
+            );
         }
         Ok(())
     }
@@ -698,10 +710,16 @@ secret_env = "X"
             (format!("{BASE}leeway = \"100y\"\n"), "too long"),
             (BASE.replace("ws://127.0.0.1:8080", "ws://127.0.0.1:8080/x?y=1"), "query"),
             (BASE.replace("ws://127.0.0.1:8080", "http://127.0.0.1:8080"), "backend.url"),
+            (format!("{BASE}[log]\nlevel = \"loud\"\n"), "log.level"),
+            (format!("{BASE}[log]\nlevel = \"info,hyper\"\n"), "log.level"),
         ];
         for (text, want) in cases {
             let e = Config::parse(&text).unwrap_err();
             assert!(e.0.contains(want), "want {want:?} in {e}");
+        }
+        for level in ["WARN", "off", "info,wsgate=debug", "debug,hyper=info"] {
+            let text = format!("{BASE}[log]\nlevel = \"{level}\"\n");
+            assert!(Config::parse(&text).is_ok(), "{level}");
         }
     }
 
