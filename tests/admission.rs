@@ -790,6 +790,30 @@ async fn token_sources_are_scrubbed_from_what_the_backend_sees() {
 }
 
 #[tokio::test]
+async fn the_admitted_token_never_reaches_the_backend_from_a_carrier_not_configured() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let cfg = set(&config(backend.addr, ""), "auth", "sources", "[\"header\"]");
+    let proxy = Proxy::start(&pki, &cfg);
+    let t = token("alice", 600);
+    // The token is read from the header only; the client put it in the query, a cookie and
+    // the subprotocols as well (a library that sends it everywhere).
+    let (ws, _) = connect(&proxy, &pki)
+        .header("Authorization", &format!("Bearer {t}"))
+        .path(&format!("/chat?room=1&token={t}"))
+        .header("Cookie", &format!("session={t}; lang=en"))
+        .header("Sec-WebSocket-Protocol", &format!("access_token, {t}"))
+        .go()
+        .await
+        .unwrap();
+    drop(ws);
+    let seen = backend.next_session().await;
+    assert_eq!(seen.path, "/chat?room=1");
+    assert_eq!(seen.header_all("cookie").join("; "), "lang=en");
+    assert!(!format!("{seen:?}").contains(&t), "{seen:?}");
+}
+
+#[tokio::test]
 async fn subprotocol_pair_anywhere_in_the_list() {
     let pki = Pki::new();
     let mut backend = Backend::start(Mode::Echo).await;

@@ -109,6 +109,7 @@ pub async fn admit(
     let mut session = policy.session.clone();
     let mut sub = None;
     let mut extra = Vec::new();
+    let mut admitted_token = None;
     if let Some(auth) = &policy.auth {
         let query = path_and_query.split_once('?').map(|(_, q)| q);
         let Some(found) = token::extract(&policy.sources, headers, query, &offered) else {
@@ -133,6 +134,7 @@ pub async fn admit(
         if policy.config.auth.expire_sessions() {
             session.expires_at = expiry_instant(verified.exp, auth.leeway());
         }
+        admitted_token = Some(found.token);
     }
 
     let ip_permit = shared
@@ -144,13 +146,18 @@ pub async fn admit(
         .try_acquire(policy.config.server.max_connections)
         .ok_or_else(|| Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "global_cap"))?;
 
+    // Every configured carrier is scrubbed, and the admitted token wherever else the client
+    // also put it: it never reaches the backend.
+    let admitted = admitted_token.as_deref();
     let mut client_headers = headers.clone();
-    token::scrub_headers(&mut client_headers, &policy.sources);
+    token::scrub_headers(&mut client_headers, &policy.sources, admitted);
     // Whichever source yielded the token, a pair the client sent is stripped, and answered.
-    let backend_protocols = token::protocols_for_backend(&offered, &policy.sources);
-    let token_in_protocol = backend_protocols.len() != offered.len();
+    let backend_protocols = token::protocols_for_backend(&offered, &policy.sources, admitted);
+    // The proxy may answer `access_token` only when it took an offered `access_token` away.
+    let offered_pairs = |ps: &[String]| ps.iter().filter(|p| *p == token::TOKEN_PROTOCOL).count();
+    let token_in_protocol = offered_pairs(&backend_protocols) < offered_pairs(&offered);
     let backend_request = BackendRequest::new(
-        token::scrub_path(path_and_query, &policy.sources),
+        token::scrub_path(path_and_query, &policy.sources, admitted),
         &client_headers,
         &policy.dropped_headers,
         client_ip,

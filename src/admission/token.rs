@@ -34,13 +34,18 @@ fn token_pair(protocols: &[String]) -> Option<usize> {
     protocols.iter().position(|p| p == TOKEN_PROTOCOL).filter(|i| i + 1 < protocols.len())
 }
 
-/// The offered protocols without the token pair (what the backend is offered).
-pub fn protocols_for_backend(protocols: &[String], sources: &[TokenSource]) -> Vec<String> {
+/// The offered protocols without the token pair (what the backend is offered). `token`, the
+/// admitted token, is removed wherever it appears, with the `access_token` entry before it.
+pub fn protocols_for_backend(protocols: &[String], sources: &[TokenSource], token: Option<&str>) -> Vec<String> {
     let mut out = protocols.to_vec();
     if sources.contains(&TokenSource::Subprotocol) {
         if let Some(i) = token_pair(&out) {
             out.drain(i..i + 2);
         }
+    }
+    while let Some(i) = token.and_then(|t| out.iter().position(|p| p == t)) {
+        let start = if i > 0 && out[i - 1] == TOKEN_PROTOCOL { i - 1 } else { i };
+        out.drain(start..=i);
     }
     out
 }
@@ -48,21 +53,21 @@ pub fn protocols_for_backend(protocols: &[String], sources: &[TokenSource]) -> V
 fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        param_is(k, name).then_some(v)
+        decodes_to(k, name).then_some(v)
     })
 }
 
-/// Whether a query parameter's name, percent-decoded as the backend's query parser will
-/// decode it, is `name`: `access%5Ftoken` is `access_token` to the backend, so it is
+/// Whether a query parameter's name or value, percent-decoded as the backend's query parser
+/// will decode it, is `want`: `access%5Ftoken` is `access_token` to the backend, so it is
 /// scrubbed (and read) as one.
-fn param_is(raw: &str, name: &str) -> bool {
-    if raw == name {
+fn decodes_to(raw: &str, want: &str) -> bool {
+    if raw == want {
         return true;
     }
     if !raw.contains('%') {
         return false;
     }
-    let (raw, name) = (raw.as_bytes(), name.as_bytes());
+    let (raw, name) = (raw.as_bytes(), want.as_bytes());
     let (mut i, mut j) = (0, 0);
     while i < raw.len() {
         let hex = |b: u8| (b as char).to_digit(16);
@@ -119,8 +124,9 @@ pub fn extract(
     None
 }
 
-/// The path and query with every configured token query parameter removed.
-pub fn scrub_path(path_and_query: &str, sources: &[TokenSource]) -> String {
+/// The path and query with every configured token query parameter removed, and any
+/// parameter whose value is `token` (the admitted token, wherever the client also put it).
+pub fn scrub_path(path_and_query: &str, sources: &[TokenSource], token: Option<&str>) -> String {
     let Some((path, query)) = path_and_query.split_once('?') else {
         return path_and_query.to_string();
     };
@@ -134,8 +140,8 @@ pub fn scrub_path(path_and_query: &str, sources: &[TokenSource]) -> String {
     let kept: Vec<&str> = query
         .split('&')
         .filter(|kv| {
-            let k = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
-            !kv.is_empty() && !names.iter().any(|n| param_is(k, n))
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            !kv.is_empty() && !names.iter().any(|n| decodes_to(k, n)) && !token.is_some_and(|t| decodes_to(v, t))
         })
         .collect();
     if kept.is_empty() {
@@ -153,11 +159,18 @@ fn is_bearer(v: &HeaderValue) -> bool {
 
 /// Removes every configured token carrier from headers bound for the backend: a `Bearer`
 /// Authorization header (other schemes pass), and the token cookies (other cookies pass).
-pub fn scrub_headers(headers: &mut HeaderMap, sources: &[TokenSource]) {
-    if sources.contains(&TokenSource::Header) && headers.contains_key(AUTHORIZATION) {
+/// `token`, the admitted token, goes from unconfigured carriers too: a Bearer credential or
+/// a cookie whose value it is.
+pub fn scrub_headers(headers: &mut HeaderMap, sources: &[TokenSource], token: Option<&str>) {
+    let any_bearer = sources.contains(&TokenSource::Header);
+    if (any_bearer || token.is_some()) && headers.contains_key(AUTHORIZATION) {
         // Every Bearer value goes, not only the first header's: a request may carry several
         // Authorization headers (e.g. Basic, then Bearer).
-        let kept: Vec<HeaderValue> = headers.get_all(AUTHORIZATION).iter().filter(|v| !is_bearer(v)).cloned().collect();
+        let carries = |v: &HeaderValue| {
+            is_bearer(v)
+                && (any_bearer || token.is_some_and(|t| v.as_bytes().trim_ascii()[6..].trim_ascii() == t.as_bytes()))
+        };
+        let kept: Vec<HeaderValue> = headers.get_all(AUTHORIZATION).iter().filter(|v| !carries(v)).cloned().collect();
         headers.remove(AUTHORIZATION);
         for v in kept {
             headers.append(AUTHORIZATION, v);
@@ -170,7 +183,7 @@ pub fn scrub_headers(headers: &mut HeaderMap, sources: &[TokenSource]) {
             _ => None,
         })
         .collect();
-    if names.is_empty() || !headers.contains_key(COOKIE) {
+    if (names.is_empty() && token.is_none()) || !headers.contains_key(COOKIE) {
         return;
     }
     let kept: Vec<String> = headers
@@ -181,8 +194,8 @@ pub fn scrub_headers(headers: &mut HeaderMap, sources: &[TokenSource]) {
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .filter(|c| {
-            let k = c.split_once('=').map(|(k, _)| k.trim()).unwrap_or(c);
-            !names.contains(&k)
+            let (k, v) = c.split_once('=').map(|(k, v)| (k.trim(), v.trim().trim_matches('"'))).unwrap_or((c, ""));
+            !names.contains(&k) && token != Some(v)
         })
         .map(str::to_string)
         .collect();
@@ -219,7 +232,7 @@ mod tests {
         assert_eq!(extract(&all(), &h, Some("access_token="), &[]), None);
         let protos = vec!["chat".to_string(), "access_token".into(), "JWT".into()];
         assert_eq!(extract(&all(), &h, None, &protos).unwrap().token, "JWT");
-        assert_eq!(protocols_for_backend(&protos, &all()), vec!["chat"]);
+        assert_eq!(protocols_for_backend(&protos, &all(), None), vec!["chat"]);
     }
 
     #[test]
@@ -232,12 +245,12 @@ mod tests {
 
     #[test]
     fn scrubbing() {
-        assert_eq!(scrub_path("/c?access_token=x&room=1", &all()), "/c?room=1");
-        assert_eq!(scrub_path("/c?access_token=x", &all()), "/c");
+        assert_eq!(scrub_path("/c?access_token=x&room=1", &all(), None), "/c?room=1");
+        assert_eq!(scrub_path("/c?access_token=x", &all(), None), "/c");
         // The backend's query parser decodes names: an encoded one is the same parameter.
-        assert_eq!(scrub_path("/c?access%5Ftoken=x&%61ccess_toke%6e=y&a=%5F", &all()), "/c?a=%5F");
+        assert_eq!(scrub_path("/c?access%5Ftoken=x&%61ccess_toke%6e=y&a=%5F", &all(), None), "/c?a=%5F");
         assert_eq!(
-            scrub_path("/c?access%5Ftokens=x&access%5=y&access%5F=z", &all()),
+            scrub_path("/c?access%5Ftokens=x&access%5=y&access%5F=z", &all(), None),
             "/c?access%5Ftokens=x&access%5=y&access%5F=z"
         );
         assert_eq!(extract(&all(), &HeaderMap::new(), Some("access%5ftoken=QT"), &[]).unwrap().token, "QT");
@@ -245,20 +258,37 @@ mod tests {
         h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
         h.append(COOKIE, HeaderValue::from_static("a=1; access_token=CK"));
         h.append(COOKIE, HeaderValue::from_static("b=2"));
-        scrub_headers(&mut h, &all());
+        scrub_headers(&mut h, &all(), None);
         assert!(h.get(AUTHORIZATION).is_none());
         assert_eq!(h.get(COOKIE).unwrap(), "a=1; b=2");
         let mut h = HeaderMap::new();
         h.insert(AUTHORIZATION, HeaderValue::from_static("Basic abc"));
-        scrub_headers(&mut h, &all());
+        scrub_headers(&mut h, &all(), None);
         assert!(h.get(AUTHORIZATION).is_some());
         let mut h = HeaderMap::new();
         h.append(AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         h.append(AUTHORIZATION, HeaderValue::from_static("bearer xyz"));
         h.append(AUTHORIZATION, HeaderValue::from_static("Bearer"));
         h.append(AUTHORIZATION, HeaderValue::from_static("Bearerish q"));
-        scrub_headers(&mut h, &all());
+        scrub_headers(&mut h, &all(), None);
         let left: Vec<_> = h.get_all(AUTHORIZATION).iter().map(|v| v.to_str().unwrap()).collect();
         assert_eq!(left, ["Basic abc", "Bearerish q"]);
+    }
+
+    #[test]
+    fn the_admitted_token_is_scrubbed_from_carriers_not_configured() {
+        let header_only = [TokenSource::Header];
+        let t = Some("a.b.c");
+        assert_eq!(scrub_path("/c?access_token=a.b.c&x=a%2Eb%2Ec&keep=a.b", &header_only, t), "/c?keep=a.b");
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, HeaderValue::from_static("jwt=\"a.b.c\"; other=1"));
+        h.append(AUTHORIZATION, HeaderValue::from_static("Bearer a.b.c"));
+        h.append(AUTHORIZATION, HeaderValue::from_static("Bearer other"));
+        scrub_headers(&mut h, &[TokenSource::Query("t".into())], t);
+        assert_eq!(h.get(COOKIE).unwrap(), "other=1");
+        let left: Vec<_> = h.get_all(AUTHORIZATION).iter().map(|v| v.to_str().unwrap()).collect();
+        assert_eq!(left, ["Bearer other"]);
+        let protos: Vec<String> = ["chat", "access_token", "a.b.c", "a.b.c"].map(String::from).into();
+        assert_eq!(protocols_for_backend(&protos, &header_only, t), vec!["chat"]);
     }
 }

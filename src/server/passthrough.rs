@@ -154,10 +154,10 @@ async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_i
     let (parts, body) = req.into_parts();
     let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let url = &policy.upstream.url;
-    let path = url.join(&token::scrub_path(target, &policy.sources));
+    let path = url.join(&token::scrub_path(target, &policy.sources, None));
 
     let mut headers = parts.headers.clone();
-    token::scrub_headers(&mut headers, &policy.sources);
+    token::scrub_headers(&mut headers, &policy.sources, None);
     let scrubbed = crate::upstream::BackendRequest::new(
         path.clone(),
         &headers,
