@@ -151,6 +151,11 @@ pub fn scrub_path(path_and_query: &str, sources: &[TokenSource], token: Option<&
     }
 }
 
+/// The `name=value` pieces of a Cookie header value, untrimmed.
+fn cookie_pairs(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    v.as_bytes().split(|&b| b == b';')
+}
+
 /// Whether an Authorization value uses the Bearer scheme (with or without credentials).
 fn is_bearer(v: &HeaderValue) -> bool {
     let b = v.as_bytes().trim_ascii_start();
@@ -186,23 +191,33 @@ pub fn scrub_headers(headers: &mut HeaderMap, sources: &[TokenSource], token: Op
     if (names.is_empty() && token.is_none()) || !headers.contains_key(COOKIE) {
         return;
     }
-    let kept: Vec<String> = headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .filter(|c| {
-            let (k, v) = c.split_once('=').map(|(k, v)| (k.trim(), v.trim().trim_matches('"'))).unwrap_or((c, ""));
-            !names.contains(&k) && token != Some(v)
-        })
-        .map(str::to_string)
-        .collect();
+    // Bytes, not text: a value with other bytes than visible ASCII is still scanned.
+    let carries = |pair: &[u8]| {
+        let pair = pair.trim_ascii();
+        let (k, v) = match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (pair[..i].trim_ascii(), pair[i + 1..].trim_ascii()),
+            None => (pair, &[][..]),
+        };
+        let v = v.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(v);
+        names.iter().any(|n| n.as_bytes() == k) || token.is_some_and(|t| t.as_bytes() == v)
+    };
+    let values: Vec<HeaderValue> = headers.get_all(COOKIE).iter().cloned().collect();
+    if !values.iter().any(|v| cookie_pairs(v).any(carries)) {
+        return;
+    }
+    // Only a value with a token cookie is rewritten; the others pass as they came.
     headers.remove(COOKIE);
-    if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-            headers.insert(COOKIE, v);
+    for v in values {
+        if !cookie_pairs(&v).any(carries) {
+            headers.append(COOKIE, v);
+            continue;
+        }
+        let kept: Vec<&[u8]> =
+            cookie_pairs(&v).map(<[u8]>::trim_ascii).filter(|p| !p.is_empty() && !carries(p)).collect();
+        if let Ok(v) = HeaderValue::from_bytes(&kept.join(&b"; "[..])) {
+            if !kept.is_empty() {
+                headers.append(COOKIE, v);
+            }
         }
     }
 }
@@ -258,9 +273,15 @@ mod tests {
         h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
         h.append(COOKIE, HeaderValue::from_static("a=1; access_token=CK"));
         h.append(COOKIE, HeaderValue::from_static("b=2"));
+        h.append(COOKIE, HeaderValue::from_bytes(b"name=Zo\xc3\xab").unwrap());
         scrub_headers(&mut h, &all(), None);
         assert!(h.get(AUTHORIZATION).is_none());
-        assert_eq!(h.get(COOKIE).unwrap(), "a=1; b=2");
+        let cookies: Vec<_> = h.get_all(COOKIE).iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(
+            cookies,
+            [&b"a=1"[..], b"b=2", b"name=Zo\xc3\xab"],
+            "a value without a token cookie passes as it came"
+        );
         let mut h = HeaderMap::new();
         h.insert(AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         scrub_headers(&mut h, &all(), None);
@@ -284,8 +305,10 @@ mod tests {
         h.append(COOKIE, HeaderValue::from_static("jwt=\"a.b.c\"; other=1"));
         h.append(AUTHORIZATION, HeaderValue::from_static("Bearer a.b.c"));
         h.append(AUTHORIZATION, HeaderValue::from_static("Bearer other"));
+        h.append(COOKIE, HeaderValue::from_bytes(b"x=\xff; t2=a.b.c").unwrap());
         scrub_headers(&mut h, &[TokenSource::Query("t".into())], t);
-        assert_eq!(h.get(COOKIE).unwrap(), "other=1");
+        let cookies: Vec<_> = h.get_all(COOKIE).iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(cookies, [&b"other=1"[..], b"x=\xff"]);
         let left: Vec<_> = h.get_all(AUTHORIZATION).iter().map(|v| v.to_str().unwrap()).collect();
         assert_eq!(left, ["Bearer other"]);
         let protos: Vec<String> = ["chat", "access_token", "a.b.c", "a.b.c"].map(String::from).into();
