@@ -101,14 +101,19 @@ enum HeadError {
 /// Reads the request head until its empty line; returns it and any bytes after it.
 async fn read_head<S: AsyncRead + Unpin>(io: &mut S, deadline: Instant) -> Result<(Head, Vec<u8>), HeadError> {
     let mut buf = Vec::with_capacity(2048);
+    // Where the next search for the end starts: a head trickled a byte per record is not
+    // scanned again from its start after every read.
+    let mut scanned = 0;
     loop {
-        if let Some(end) = head_end(&buf) {
+        if let Some(end) = head_end(&buf, scanned) {
             let head = parse_head(&buf[..end])?;
             return Ok((head, buf.split_off(end)));
         }
         if buf.len() >= MAX_HEAD {
             return Err(HeadError::TooLarge);
         }
+        // An end could start with the last two bytes (`\n\r` before a `\n`).
+        scanned = buf.len().saturating_sub(2);
         // Straight into `buf`: a stack chunk would be held across the await, in every
         // connection's future.
         let want = 4096.min(MAX_HEAD + 4 - buf.len());
@@ -124,8 +129,8 @@ async fn read_head<S: AsyncRead + Unpin>(io: &mut S, deadline: Instant) -> Resul
 /// Where the head ends: after the first empty line. Lines may end in a bare LF (RFC 9112
 /// §2.2 lets a server accept it, as nginx and hyper do); the request sent on is rebuilt, so
 /// the backend sees CRLF either way.
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let mut from = 0;
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut from = from;
     while let Some(i) = buf[from..].iter().position(|&b| b == b'\n').map(|i| from + i) {
         match buf.get(i + 1..) {
             Some([b'\n', ..]) => return Some(i + 2),
@@ -145,7 +150,9 @@ fn origin_form(target: &str) -> Option<String> {
     }
     let uri: hyper::Uri = target.parse().ok()?;
     uri.scheme()?;
-    Some(uri.path_and_query().map_or("/", |p| p.as_str()).to_string())
+    // `http://h?x=1` has the path and query `?x=1`: the path is `/`.
+    let pq = uri.path_and_query().map_or("", |p| p.as_str());
+    Some(if pq.starts_with('/') { pq.to_string() } else { format!("/{pq}") })
 }
 
 fn parse_head(bytes: &[u8]) -> Result<Head, HeadError> {

@@ -38,7 +38,8 @@ pub struct Policy {
     pub claims: Vec<(String, HeaderName)>,
     /// Client headers never passed to the backend besides the fixed reserved set
     /// (`upstream::is_reserved_header`): the claim headers, which only the proxy may set, and
-    /// the header trusted proxies name the client in, which a client could forge.
+    /// the header trusted proxies name the client in, which a client could forge. Names are
+    /// stored with underscores as dashes (`upstream::dashed`), the form they are compared in.
     pub dropped_headers: Vec<HeaderName>,
     /// How to reach the backend.
     pub upstream: Upstream,
@@ -86,8 +87,12 @@ impl Policy {
             })
             .collect::<Result<_, _>>()?;
         let trusted = TrustedProxies::new(&config.trusted_proxies);
-        let mut dropped_headers: Vec<HeaderName> = claims.iter().map(|(_, h)| h.clone()).collect();
-        dropped_headers.push(trusted.header().clone());
+        let dropped_headers = claims
+            .iter()
+            .map(|(_, h)| h)
+            .chain([trusted.header()])
+            .map(|h| crate::upstream::dashed(h).unwrap_or_else(|| h.clone()))
+            .collect();
         let upstream = Upstream::new(&config.backend)?;
         let jwks = auth.as_ref().and_then(|a| a.spawn_refresh()).map(AbortOnDrop);
         Ok(Policy {

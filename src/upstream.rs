@@ -124,9 +124,10 @@ pub fn is_reserved_header(name: &HeaderName) -> bool {
 }
 
 /// `name` with underscores read as dashes, when it has any. CGI, WSGI and Rack backends turn
-/// both into one variable (`X_Real_IP` and `X-Real-IP` are both `HTTP_X_REAL_IP`), so a
-/// client's underscore spelling of a header the proxy removes would spoof it.
-fn dashed(name: &HeaderName) -> Option<HeaderName> {
+/// both into one variable (`X_Real_IP` and `X-Real-IP` are both `HTTP_X_REAL_IP`), so names
+/// are compared in this form: a client's underscore spelling of a header the proxy removes
+/// would spoof it, and so would a configured claim header spelt with underscores.
+pub fn dashed(name: &HeaderName) -> Option<HeaderName> {
     let s = name.as_str();
     if !s.contains('_') {
         return None;
@@ -457,7 +458,7 @@ pub struct BackendRequest {
 
 impl BackendRequest {
     /// Builds the backend request from the client's headers: copies end-to-end headers except
-    /// reserved ones and `drop` (credential headers that carried the token, claim headers),
+    /// reserved ones and `drop` (claim headers and the like, as [`dashed`] names),
     /// then sets `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto` and `extra`.
     pub fn new(
         path_and_query: String,
@@ -471,10 +472,15 @@ impl BackendRequest {
         // §7.6.1), such as an h2c offer's `HTTP2-Settings`. What the proxy sets itself is
         // inserted below, after this filter, so naming it here changes nothing.
         let hop_by_hop = |name: &HeaderName| header_has_token(client_headers, hyper::header::CONNECTION, name.as_str());
-        let removed = |name: &HeaderName| is_reserved_header(name) || drop.contains(name) || hop_by_hop(name);
+        // `drop` holds dashed names (`Policy::build`); client names are compared dashed too.
+        let removed = |name: &HeaderName| {
+            let d = dashed(name);
+            let n = d.as_ref().unwrap_or(name);
+            is_reserved_header(n) || drop.contains(n) || hop_by_hop(name) || hop_by_hop(n)
+        };
         let mut headers = HeaderMap::with_capacity(client_headers.len() + 4);
         for (name, value) in client_headers {
-            if removed(name) || dashed(name).is_some_and(|d| removed(&d)) {
+            if removed(name) {
                 continue;
             }
             headers.append(name.clone(), value.clone());
@@ -544,6 +550,23 @@ mod tests {
         assert_eq!(r.headers.get("x-end").unwrap(), "2");
         // Naming a header the proxy sets only removes the client's copy.
         assert_eq!(r.headers.get("x-forwarded-for").unwrap(), "203.0.113.1");
+    }
+
+    #[test]
+    fn removed_headers_are_compared_with_underscores_read_as_dashes() {
+        // A claim header configured as `X_Auth_User`: `Policy::build` stores it dashed.
+        let configured = HeaderName::from_static("x_auth_user");
+        let drop = [dashed(&configured).unwrap()];
+        let mut h = HeaderMap::new();
+        for n in ["x-auth-user", "x_auth_user", "x_forwarded_for", "x_custom"] {
+            h.insert(HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_static("mallory"));
+        }
+        let claim = vec![(configured.clone(), HeaderValue::from_static("alice"))];
+        let r = BackendRequest::new("/".into(), &h, &drop, "203.0.113.1".parse().unwrap(), claim, Vec::new());
+        let names: Vec<&str> = r.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(r.headers.get_all(&configured).iter().collect::<Vec<_>>(), ["alice"]);
+        assert!(!names.contains(&"x-auth-user") && !names.contains(&"x_forwarded_for"), "{names:?}");
+        assert!(names.contains(&"x_custom"), "{names:?}");
     }
 
     #[test]

@@ -146,8 +146,8 @@ pub async fn admit(
         .try_acquire(policy.config.server.max_connections)
         .ok_or_else(|| Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "global_cap"))?;
 
-    // Every configured carrier is scrubbed, and the admitted token wherever else the client
-    // also put it: it never reaches the backend.
+    // Every configured carrier is scrubbed, and the admitted token where else the client also
+    // put it as a whole value: a query parameter, a cookie, a Bearer credential, a subprotocol.
     let admitted = admitted_token.as_deref();
     let mut client_headers = headers.clone();
     token::scrub_headers(&mut client_headers, &policy.sources, admitted);

@@ -511,7 +511,9 @@ impl Config {
             .log
             .level
             .split(',')
-            .any(|d| !d.contains('=') && !LEVELS.iter().any(|l| d.trim().eq_ignore_ascii_case(l)));
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .any(|d| !d.contains('=') && !LEVELS.iter().any(|l| d.eq_ignore_ascii_case(l)));
         if bare_word || tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             bail!(
                 "log.level: {:?} is not a level (trace, debug, info, warn, error, off) or a filter such as \"info,wsgate=debug\"",
@@ -614,7 +616,7 @@ impl Config {
             let name = hyper::header::HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
                 ConfigError(format!("auth.forward_claims.{claim}: {header:?} is not a valid header name"))
             })?;
-            if crate::upstream::is_reserved_header(&name) {
+            if crate::upstream::is_reserved_header(&crate::upstream::dashed(&name).unwrap_or(name)) {
                 bail!("auth.forward_claims.{claim}: header {header:?} is set by the proxy itself");
             }
         }
@@ -712,12 +714,13 @@ secret_env = "X"
             (BASE.replace("ws://127.0.0.1:8080", "http://127.0.0.1:8080"), "backend.url"),
             (format!("{BASE}[log]\nlevel = \"loud\"\n"), "log.level"),
             (format!("{BASE}[log]\nlevel = \"info,hyper\"\n"), "log.level"),
+            (format!("{BASE}[auth.forward_claims]\nsub = \"X_Forwarded_For\"\n"), "set by the proxy"),
         ];
         for (text, want) in cases {
             let e = Config::parse(&text).unwrap_err();
             assert!(e.0.contains(want), "want {want:?} in {e}");
         }
-        for level in ["WARN", "off", "info,wsgate=debug", "debug,hyper=info"] {
+        for level in ["WARN", "off", "info,wsgate=debug", "debug,hyper=info", "info,"] {
             let text = format!("{BASE}[log]\nlevel = \"{level}\"\n");
             assert!(Config::parse(&text).is_ok(), "{level}");
         }

@@ -258,6 +258,17 @@ impl<S: RelayIo> Side<S> {
     }
 }
 
+/// Shuts a peer's stream down (`shut`), then lingers on its input (`linger`).
+async fn end_stream<S: RelayIo>(io: &mut S, shut: bool, linger_on: bool) {
+    use tokio::io::AsyncWriteExt;
+    if shut {
+        let _ = io.shutdown().await;
+    }
+    if linger_on {
+        linger(io).await;
+    }
+}
+
 /// Most input a lingering close reads and drops.
 const LINGER_MAX: usize = 1 << 20;
 
@@ -676,8 +687,8 @@ where
     .await;
 
     // Best-effort graceful shutdown (TLS close_notify, FIN) where the close alone would not
-    // end the stream properly, and a lingering close for a peer whose input was left unread:
-    // a second at most, and never past the drain's deadline.
+    // end the stream properly, then a lingering close for a peer that broke a rule (its input
+    // was left unread): a second at most, both peers at once, never past the drain's deadline.
     let (client_shut, backend_shut) = (client.needs_shutdown(), backend.needs_shutdown());
     let (client_linger, backend_linger) = (client.lingers(), backend.lingers());
     if client_shut || backend_shut {
@@ -686,24 +697,9 @@ where
             bound = bound.min(d.saturating_duration_since(Instant::now()));
         }
         let _ = tokio::time::timeout(bound, async {
-            use tokio::io::AsyncWriteExt;
-            if client_shut {
-                let _ = client.io.shutdown().await;
-            }
-            if backend_shut {
-                let _ = backend.io.shutdown().await;
-            }
             tokio::join!(
-                async {
-                    if client_linger {
-                        linger(&mut client.io).await
-                    }
-                },
-                async {
-                    if backend_linger {
-                        linger(&mut backend.io).await
-                    }
-                }
+                end_stream(&mut client.io, client_shut, client_linger),
+                end_stream(&mut backend.io, backend_shut, backend_linger)
             );
         })
         .await;

@@ -47,16 +47,19 @@ pub struct ClientSocket {
     /// Bytes held back, and how many of them have been sent.
     held: Vec<u8>,
     sent: usize,
-    /// The client's data was ACKed at once after the handshake (see `poll_read`).
-    acked: bool,
+    /// The first read after the handshake happened (see `poll_read`).
+    read_after_handshake: bool,
 }
 
 /// Sends the ACK the kernel is holding back for what was read, now; false when it cannot.
+#[cfg(target_os = "linux")]
 fn ack_now(tcp: &TcpStream) -> bool {
-    #[cfg(target_os = "linux")]
-    return socket2::SockRef::from(tcp).set_tcp_quickack(true).is_ok();
-    #[cfg(not(target_os = "linux"))]
-    return false;
+    socket2::SockRef::from(tcp).set_tcp_quickack(true).is_ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn ack_now(_: &TcpStream) -> bool {
+    false
 }
 
 impl ClientSocket {
@@ -70,7 +73,7 @@ impl ClientSocket {
             read_since_write: false,
             held: Vec::new(),
             sent: 0,
-            acked: false,
+            read_after_handshake: false,
         }
     }
 
@@ -111,15 +114,15 @@ impl AsyncRead for ClientSocket {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.tcp).poll_read(cx, buf);
-        if r.is_pending() && !this.handshaking && !this.acked {
-            // The handshake is over and the request is not here yet. A client with Nagle's
-            // algorithm on (the default of most TCP stacks) holds its request back until its
-            // `Finished` is ACKed, and with no data to carry it (held tickets; nothing at all
-            // after a resumed TLS 1.2 handshake) the kernel delays that ACK by 40 ms: it is
-            // sent now, on its own. Sending the tickets would do too, at the cost of a write
-            // and a wake-up of the client.
-            this.acked = true;
-            if !ack_now(&this.tcp) {
+        if !this.handshaking && !this.read_after_handshake {
+            // The first read after the handshake decides. When the request is not here yet: a
+            // client with Nagle's algorithm on (the default of most TCP stacks) holds it back
+            // until its `Finished` is ACKed, and with no data to carry it (held tickets;
+            // nothing at all after a resumed TLS 1.2 handshake) the kernel delays that ACK by
+            // 40 ms: it is sent now, on its own. Sending the tickets would do too, at the cost
+            // of a write and a wake-up of the client.
+            this.read_after_handshake = true;
+            if r.is_pending() && !ack_now(&this.tcp) {
                 let _ = this.poll_send_held(cx);
             }
         }
