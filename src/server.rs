@@ -237,7 +237,9 @@ fn log_rejected(client_ip: IpAddr, r: &Rejection, passthrough: bool) {
         Some(error) => {
             tracing::warn!(event = "rejected", client_ip = %client_ip, reason = r.reason, status, passthrough, error = %error)
         }
-        None => tracing::info!(event = "rejected", client_ip = %client_ip, reason = r.reason, status, passthrough),
+        None => {
+            tracing::info!(event = "rejected", client_ip = %client_ip, reason = r.reason, status, passthrough, detail = r.detail)
+        }
     }
 }
 

@@ -658,6 +658,20 @@ async fn missing_token_is_bearer_and_invalid_token_is_invalid_token() {
     }
     assert!(handshakes(&proxy, "token_missing").await >= 7.0);
     assert!(handshakes(&proxy, "token_invalid").await >= 3.0);
+    // The log line says why, in a fixed word (an operator wiring up an IdP needs it).
+    let expired = token("alice", -600);
+    let e = connect(&proxy, &pki).header("Authorization", &format!("Bearer {expired}")).go().await.unwrap_err();
+    assert_eq!(e.status(), 401);
+    let mut details = Vec::new();
+    for _ in 0..150 {
+        details = rejections(&proxy).iter().filter_map(|r| r["detail"].as_str().map(str::to_string)).collect();
+        if details.iter().any(|d| d == "expired") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(details.iter().any(|d| d == "expired") && details.iter().any(|d| d == "signature"), "{details:?}");
+    assert!(!proxy.log_text().contains(&expired));
     assert!(backend_saw_nothing(backend).await);
 }
 

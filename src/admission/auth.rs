@@ -40,8 +40,10 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
-/// Tokens longer than this are refused as `malformed` before any parsing.
-pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+/// Tokens longer than this are refused as `malformed` before any parsing. As large as the
+/// request head may be (16 KiB): identity providers that list many groups in the token
+/// exceed 8 KiB, and the head limit bounds the work anyway.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// Shortest HMAC secret accepted (RFC 7518 §3.2: at least the hash output size of HS256).
 pub const MIN_HMAC_SECRET_LEN: usize = 32;
 /// An unknown `kid` triggers at most one JWKS refetch per this interval, across all requests.
@@ -517,6 +519,11 @@ impl Authenticator {
         let validation = self.validations.iter().find(|(f, _)| *f == alg.family()).map(|(_, v)| v).ok_or(ALGORITHM)?;
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation)
             .map_err(|e| TokenError::Invalid(reason_of(&e)))?;
+        // jsonwebtoken takes an `iss` array that contains the issuer; RFC 7519 §4.1.1 makes
+        // `iss` one string, and a required issuer is matched as one.
+        if validation.iss.is_some() && !matches!(data.claims.get("iss"), Some(Value::String(_))) {
+            return Err(TokenError::Invalid("issuer"));
+        }
         let exp = match data.claims.get("exp") {
             Some(Value::Number(n)) => {
                 n.as_u64().or_else(|| n.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f.round() as u64))
@@ -1129,6 +1136,8 @@ mod tests {
         assert!(a.verify(&t(json!({ "iss": "https://idp.example", "aud": ["other", "chat"] }))).await.is_ok());
         assert_eq!(reason(a.verify(&t(json!({ "iss": "https://evil", "aud": "chat" }))).await), "issuer");
         assert_eq!(reason(a.verify(&t(json!({ "aud": "chat" }))).await), "issuer");
+        let both = json!({ "iss": ["https://evil", "https://idp.example"], "aud": "chat" });
+        assert_eq!(reason(a.verify(&t(both)).await), "issuer", "iss is one string");
         assert_eq!(reason(a.verify(&t(json!({ "iss": "https://idp.example", "aud": "other" }))).await), "audience");
         assert_eq!(reason(a.verify(&t(json!({ "iss": "https://idp.example", "aud": ["a", "b"] }))).await), "audience");
         assert_eq!(reason(a.verify(&t(json!({ "iss": "https://idp.example" }))).await), "audience");

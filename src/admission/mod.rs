@@ -36,12 +36,15 @@ pub struct Rejection {
     /// What went wrong on the proxy's side (a backend failure), for the rejection's log line.
     /// Never client input: no token can reach the log through it.
     pub error: Option<String>,
+    /// Why a client's request was refused, in a fixed word (`expired`, `signature`, …), for
+    /// the log line: an operator wiring up an identity provider needs it. Never client input.
+    pub detail: Option<&'static str>,
 }
 
 impl Rejection {
     /// A rejection without extra headers.
     pub fn new(status: StatusCode, reason: &'static str) -> Rejection {
-        Rejection { status, reason, headers: Vec::new(), error: None }
+        Rejection { status, reason, headers: Vec::new(), error: None, detail: None }
     }
 
     /// Adds a response header.
@@ -81,6 +84,15 @@ pub fn check_rate(shared: &Shared, policy: &Policy, client_ip: IpAddr) -> Result
     Ok(key)
 }
 
+/// A claim as header text: a string as it is, `null` as absent, anything else as JSON.
+fn claim_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
 /// Whether the request's Origin passes. Every Origin header must: a browser sends one, and a
 /// second could be the one the backend reads.
 fn origins_allowed(allow: &origin::OriginPolicy, headers: &HeaderMap) -> bool {
@@ -116,17 +128,15 @@ pub async fn admit(
             return Err(Rejection::new(StatusCode::UNAUTHORIZED, "token_missing")
                 .with(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
         };
-        let verified = auth.verify(&found.token).await.map_err(|_| {
-            Rejection::new(StatusCode::UNAUTHORIZED, "token_invalid")
+        let verified = auth.verify(&found.token).await.map_err(|e| Rejection {
+            detail: Some(e.reason()),
+            ..Rejection::new(StatusCode::UNAUTHORIZED, "token_invalid")
                 .with(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""))
         })?;
-        sub = verified.claims.get("sub").and_then(|v| v.as_str()).map(str::to_string);
+        // The log's `sub` is the text the backend gets in a claim header (`sub: 123` too).
+        sub = verified.claims.get("sub").and_then(claim_text);
         for (claim, header) in &policy.claims {
-            let value = match verified.claims.get(claim) {
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(serde_json::Value::Null) | None => continue,
-                Some(other) => other.to_string(),
-            };
+            let Some(value) = verified.claims.get(claim).and_then(claim_text) else { continue };
             if let Ok(v) = HeaderValue::from_str(&value) {
                 extra.push((header.clone(), v));
             }

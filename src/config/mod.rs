@@ -602,6 +602,9 @@ impl Config {
         if a.jwks_ca_file.is_some() && a.jwks_url.is_none() {
             bail!("auth.jwks_ca_file: only meaningful with auth.jwks_url");
         }
+        if a.jwks_refresh.is_some() && a.jwks_url.is_none() {
+            bail!("auth.jwks_refresh: only meaningful with auth.jwks_url");
+        }
         if let Some(r) = a.jwks_refresh {
             nonzero_dur("auth.jwks_refresh", r)?;
         }
@@ -713,6 +716,7 @@ secret_env = "X"
             (BASE.replace("ws://127.0.0.1:8080", "ws://127.0.0.1:8080/x?y=1"), "query"),
             (BASE.replace("ws://127.0.0.1:8080", "http://127.0.0.1:8080"), "backend.url"),
             (format!("{BASE}[log]\nlevel = \"loud\"\n"), "log.level"),
+            (format!("{BASE}jwks_refresh = \"5m\"\n"), "auth.jwks_refresh"),
             (format!("{BASE}[log]\nlevel = \"info,hyper\"\n"), "log.level"),
             (format!("{BASE}[auth.forward_claims]\nsub = \"X_Forwarded_For\"\n"), "set by the proxy"),
         ];
