@@ -476,7 +476,7 @@ impl BackendRequest {
         let removed = |name: &HeaderName| {
             let d = dashed(name);
             let n = d.as_ref().unwrap_or(name);
-            is_reserved_header(n) || drop.contains(n) || hop_by_hop(name) || hop_by_hop(n)
+            is_reserved_header(n) || drop.contains(n) || hop_by_hop(name) || (d.is_some() && hop_by_hop(n))
         };
         let mut headers = HeaderMap::with_capacity(client_headers.len() + 4);
         for (name, value) in client_headers {
