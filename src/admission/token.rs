@@ -86,10 +86,26 @@ fn decodes_to(raw: &str, want: &str) -> bool {
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
-        let (k, v) = c.trim().split_once('=')?;
-        (k.trim() == name).then(|| v.trim().trim_matches('"'))
+    // Only text values are read; scrubbing (below) also scans the others.
+    headers.get_all(COOKIE).iter().filter(|v| v.to_str().is_ok()).flat_map(cookie_pairs).find_map(|pair| {
+        let (k, v) = cookie_kv(pair)?;
+        (k == name.as_bytes()).then(|| std::str::from_utf8(v).ok()).flatten()
     })
+}
+
+/// A cookie's name and value, trimmed, the value without its quotes; `None` without `=`.
+/// Reading the token and scrubbing it share this, so they agree on what a cookie is.
+fn cookie_kv(pair: &[u8]) -> Option<(&[u8], &[u8])> {
+    let pair = pair.trim_ascii();
+    let i = pair.iter().position(|&b| b == b'=')?;
+    let mut v = pair[i + 1..].trim_ascii();
+    while let [b'"', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b'"'] = v {
+        v = rest;
+    }
+    Some((pair[..i].trim_ascii(), v))
 }
 
 /// The first non-empty `Bearer` credential among the Authorization headers (a `Basic` one
@@ -156,10 +172,13 @@ fn cookie_pairs(v: &HeaderValue) -> impl Iterator<Item = &[u8]> {
     v.as_bytes().split(|&b| b == b';')
 }
 
-/// Whether an Authorization value uses the Bearer scheme (with or without credentials).
-fn is_bearer(v: &HeaderValue) -> bool {
+/// The credential of an Authorization value that uses the Bearer scheme (trimmed, maybe
+/// empty); `None` for other schemes.
+fn bearer_credential(v: &HeaderValue) -> Option<&[u8]> {
     let b = v.as_bytes().trim_ascii_start();
-    b.len() >= 6 && b[..6].eq_ignore_ascii_case(b"bearer") && b.get(6).is_none_or(|c| *c == b' ' || *c == b'\t')
+    let bearer =
+        b.len() >= 6 && b[..6].eq_ignore_ascii_case(b"bearer") && b.get(6).is_none_or(|c| *c == b' ' || *c == b'\t');
+    bearer.then(|| b[6..].trim_ascii())
 }
 
 /// Removes every configured token carrier from headers bound for the backend: a `Bearer`
@@ -172,8 +191,7 @@ pub fn scrub_headers(headers: &mut HeaderMap, sources: &[TokenSource], token: Op
         // Every Bearer value goes, not only the first header's: a request may carry several
         // Authorization headers (e.g. Basic, then Bearer).
         let carries = |v: &HeaderValue| {
-            is_bearer(v)
-                && (any_bearer || token.is_some_and(|t| v.as_bytes().trim_ascii()[6..].trim_ascii() == t.as_bytes()))
+            bearer_credential(v).is_some_and(|c| any_bearer || token.is_some_and(|t| c == t.as_bytes()))
         };
         let kept: Vec<HeaderValue> = headers.get_all(AUTHORIZATION).iter().filter(|v| !carries(v)).cloned().collect();
         headers.remove(AUTHORIZATION);
@@ -193,12 +211,7 @@ pub fn scrub_headers(headers: &mut HeaderMap, sources: &[TokenSource], token: Op
     }
     // Bytes, not text: a value with other bytes than visible ASCII is still scanned.
     let carries = |pair: &[u8]| {
-        let pair = pair.trim_ascii();
-        let (k, v) = match pair.iter().position(|&b| b == b'=') {
-            Some(i) => (pair[..i].trim_ascii(), pair[i + 1..].trim_ascii()),
-            None => (pair, &[][..]),
-        };
-        let v = v.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(v);
+        let (k, v) = cookie_kv(pair).unwrap_or((pair.trim_ascii(), &[]));
         names.iter().any(|n| n.as_bytes() == k) || token.is_some_and(|t| t.as_bytes() == v)
     };
     let values: Vec<HeaderValue> = headers.get_all(COOKIE).iter().cloned().collect();
@@ -214,10 +227,11 @@ pub fn scrub_headers(headers: &mut HeaderMap, sources: &[TokenSource], token: Op
         }
         let kept: Vec<&[u8]> =
             cookie_pairs(&v).map(<[u8]>::trim_ascii).filter(|p| !p.is_empty() && !carries(p)).collect();
+        if kept.is_empty() {
+            continue;
+        }
         if let Ok(v) = HeaderValue::from_bytes(&kept.join(&b"; "[..])) {
-            if !kept.is_empty() {
-                headers.append(COOKIE, v);
-            }
+            headers.append(COOKIE, v);
         }
     }
 }
@@ -242,6 +256,9 @@ mod tests {
         assert_eq!(f, Found { token: "QT".into(), source: TokenSource::Query("access_token".into()) });
         let f = extract(&all(), &h, None, &[]).unwrap();
         assert_eq!(f.token, "CK");
+        let mut quoted = HeaderMap::new();
+        quoted.insert(COOKIE, HeaderValue::from_static("access_token ; access_token = \"QK\" "));
+        assert_eq!(extract(&all(), &quoted, None, &[]).unwrap().token, "QK");
         h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer "));
         h.remove(COOKIE);
         assert_eq!(extract(&all(), &h, Some("access_token="), &[]), None);

@@ -691,7 +691,7 @@ where
     // was left unread): a second at most, both peers at once, never past the drain's deadline.
     let (client_shut, backend_shut) = (client.needs_shutdown(), backend.needs_shutdown());
     let (client_linger, backend_linger) = (client.lingers(), backend.lingers());
-    if client_shut || backend_shut {
+    if client_shut || backend_shut || client_linger || backend_linger {
         let mut bound = Duration::from_secs(1);
         if let Some(d) = drain.deadline() {
             bound = bound.min(d.saturating_duration_since(Instant::now()));
