@@ -1,5 +1,6 @@
 //! The admin listener (plaintext, loopback by default): `/metrics` (Prometheus text format),
-//! `/healthz` (200 while the process runs) and `/readyz` (200 while accepting, 503 draining).
+//! `/healthz` (200 while the process runs) and `/readyz` (200 while accepting; 503 while
+//! draining, or while a `jwks_url` has not been fetched yet and every token would be refused).
 
 use crate::state::Shared;
 use bytes::Bytes;
@@ -24,8 +25,12 @@ fn route<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
             shared.metrics.encode()
         }),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" if shared.is_accepting() => respond(StatusCode::OK, "text/plain", "ready\n"),
-        "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n"),
+        "/readyz" if !shared.is_accepting() => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n"),
+        // Every token would be refused: let the balancer send clients to a replica that can.
+        "/readyz" if shared.policy.load().not_ready().is_some() => {
+            respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "no JWT keys yet (jwks_url not fetched)\n")
+        }
+        "/readyz" => respond(StatusCode::OK, "text/plain", "ready\n"),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }

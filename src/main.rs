@@ -153,6 +153,12 @@ fn check(path: PathBuf) -> ExitCode {
                 Some(_) => println!("  auth:        jwt {:?}, sources {:?}", c.auth.algorithms(), c.auth.sources()),
                 None => println!("  auth:        none"),
             }
+            if let Some(why) = p.not_ready() {
+                // Not a configuration error: `run` starts fail-closed and keeps fetching.
+                println!("  warning:     {why}");
+                println!("               `wsgate run` would start without keys: every token refused (401),");
+                println!("               /readyz 503, retrying until the endpoint answers");
+            }
             let l = &c.limits;
             println!(
                 "  limits:      {}/ip, {} total, frame {}, message {}, {} msg/s, {}/s",

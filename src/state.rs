@@ -65,10 +65,21 @@ impl Policy {
     /// Loads certificates and keys for a validated config. Every failure is a config error
     /// (exit 2) naming the key.
     pub async fn build(config: Config) -> Result<Policy, ConfigError> {
+        Self::build_after(config, None).await
+    }
+
+    /// As [`Policy::build`], for a SIGHUP while `running` serves: a `jwks_url` that cannot be
+    /// fetched now keeps the keys `running` fetched from it ([`Authenticator::reloaded`]).
+    pub async fn reloaded(config: Config, running: &Policy) -> Result<Policy, ConfigError> {
+        Self::build_after(config, Some(running)).await
+    }
+
+    async fn build_after(config: Config, running: Option<&Policy>) -> Result<Policy, ConfigError> {
         let tls = crate::tls::build(&config.tls)?;
         let origin = OriginPolicy::new(&config.origin).map_err(|e| ConfigError(format!("origin.allow: {e}")))?;
-        let auth = match config.auth.mode {
-            Some(AuthMode::Jwt) => Some(Arc::new(Authenticator::from_config(&config.auth).await?)),
+        let auth = match (config.auth.mode, running.and_then(|r| r.auth.as_deref())) {
+            (Some(AuthMode::Jwt), Some(old)) => Some(Arc::new(Authenticator::reloaded(&config.auth, old).await?)),
+            (Some(AuthMode::Jwt), None) => Some(Arc::new(Authenticator::from_config(&config.auth).await?)),
             _ => None,
         };
         let sources = if auth.is_some() {
@@ -110,6 +121,12 @@ impl Policy {
             config,
             _jwks_refresh: jwks,
         })
+    }
+
+    /// Why this policy cannot admit anyone yet (its `jwks_url` has not been fetched), or
+    /// `None` when it can. `/readyz` answers 503 meanwhile.
+    pub fn not_ready(&self) -> Option<&str> {
+        self.auth.as_ref().and_then(|a| a.no_keys())
     }
 }
 
@@ -212,7 +229,7 @@ impl Shared {
         };
         let result = async {
             let cfg = Config::load(path).map_err(|e| e.to_string())?;
-            Policy::build(cfg).await.map_err(|e| e.to_string())
+            Policy::reloaded(cfg, &self.policy.load()).await.map_err(|e| e.to_string())
         }
         .await;
         match result {

@@ -10,7 +10,7 @@ use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -245,6 +245,8 @@ struct JwksServer {
     ca_path: PathBuf,
     hits: Arc<AtomicUsize>,
     body: Arc<Mutex<String>>,
+    /// Answer 503 (an identity provider's outage) instead of the set.
+    down: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
 }
@@ -276,11 +278,12 @@ impl JwksServer {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let body = Arc::new(Mutex::new(json!({ "keys": keys }).to_string()));
-        let (h, b) = (hits.clone(), body.clone());
+        let down = Arc::new(AtomicBool::new(false));
+        let (h, b, d) = (hits.clone(), body.clone(), down.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { return };
-                let (acceptor, hits, body) = (acceptor.clone(), h.clone(), b.clone());
+                let (acceptor, hits, body, down) = (acceptor.clone(), h.clone(), b.clone(), d.clone());
                 tokio::spawn(async move {
                     let Ok(mut tls) = acceptor.accept(tcp).await else { return };
                     let mut req = Vec::new();
@@ -292,9 +295,12 @@ impl JwksServer {
                         }
                     }
                     hits.fetch_add(1, Ordering::SeqCst);
-                    let payload = body.lock().unwrap().clone();
+                    let (status, payload) = match down.load(Ordering::SeqCst) {
+                        true => ("503 Service Unavailable", String::new()),
+                        false => ("200 OK", body.lock().unwrap().clone()),
+                    };
                     let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
                          Connection: close\r\n\r\n{payload}",
                         payload.len()
                     );
@@ -303,7 +309,15 @@ impl JwksServer {
                 });
             }
         });
-        JwksServer { url: format!("https://127.0.0.1:{}/jwks.json", addr.port()), ca_path, hits, body, task, _dir: dir }
+        JwksServer {
+            url: format!("https://127.0.0.1:{}/jwks.json", addr.port()),
+            ca_path,
+            hits,
+            body,
+            down,
+            task,
+            _dir: dir,
+        }
     }
 
     fn serve(&self, keys: Vec<Value>) {
@@ -312,6 +326,10 @@ impl JwksServer {
 
     fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
     }
 
     fn key_lines(&self, refresh: &str) -> String {
@@ -369,6 +387,48 @@ async fn jwks_url_periodic_refresh_drops_a_retired_key() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     refused(&proxy, &pki, &old.sign(Some("old"), &claims("x")), "retired key").await;
     admitted(&proxy, &pki, &mut backend, &new.sign(Some("new"), &claims("after")), "after").await;
+}
+
+/// An identity provider that is down does not keep wsgate down: `check` warns, `run` starts
+/// fail-closed (401, `/readyz` 503) and picks the keys up once the endpoint answers; a reload
+/// during a later outage keeps the fetched keys (a certificate renewal must not wait for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_url_down_at_start_then_up_then_down_during_a_reload() {
+    let pki = Pki::new();
+    let mut backend = Backend::start(Mode::Echo).await;
+    let k1 = Pair::new(Algorithm::ES256);
+    let idp = JwksServer::start(vec![k1.jwk("k1")]).await;
+    idp.set_down(true);
+    let cfg = auth_config(backend.addr, "\"ES256\"", &idp.key_lines("10m"), "");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "wsgate.toml", &fill(&cfg, &pki, &dir.path().join("unused")));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate")).args(["check", "--config"]).arg(&path).output();
+    let out = out.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("warning") && stdout.contains("503"), "{stdout}");
+
+    let proxy = Proxy::start(&pki, &cfg);
+    assert_eq!(proxy.admin_get("/readyz").await.0, 503, "no keys: not ready");
+    refused(&proxy, &pki, &k1.sign(Some("k1"), &claims("early")), "no keys yet").await;
+    assert!(proxy.wait_log("\"detail\":\"no_keys\"", Duration::from_secs(2)).await, "{}", proxy.log_text());
+
+    idp.set_down(false);
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while proxy.admin_get("/readyz").await.0 != 200 {
+        assert!(std::time::Instant::now() < end, "keys not fetched within 10 s: {}", proxy.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    admitted(&proxy, &pki, &mut backend, &k1.sign(Some("k1"), &claims("later")), "later").await;
+
+    idp.set_down(true);
+    let hits = idp.hits();
+    proxy.signal("HUP");
+    assert!(proxy.wait_log("configuration reloaded", Duration::from_secs(10)).await, "{}", proxy.log_text());
+    assert!(idp.hits() > hits, "the reload fetched");
+    assert_eq!(proxy.admin_get("/readyz").await.0, 200);
+    admitted(&proxy, &pki, &mut backend, &k1.sign(Some("k1"), &claims("kept")), "kept").await;
 }
 
 #[tokio::test]
