@@ -114,7 +114,7 @@ fn fail(format: LogFormat, code: u8, msg: &str) -> ExitCode {
 fn run(path: PathBuf) -> ExitCode {
     let config = match Config::load(&path) {
         Ok(c) => c,
-        Err(e) => return fail(LogFormat::Json, 2, &e.to_string()),
+        Err(e) => return fail(Config::format_hint(&path), 2, &e.to_string()),
     };
     let format = config.log.format;
     wsgate::logging::init(format, &config.log.level);
@@ -126,57 +126,92 @@ fn run(path: PathBuf) -> ExitCode {
     }
 }
 
+/// `wsgate check`: a summary for a person under `format = "text"`, one JSON object under
+/// `"json"` (every line wsgate prints is JSON then, as for `run`).
 fn check(path: PathBuf) -> ExitCode {
+    let format = Config::format_hint(&path);
+    let refused = |e: &dyn std::fmt::Display| {
+        match format {
+            LogFormat::Json => eprintln!(
+                "{}",
+                serde_json::json!({"level": "ERROR", "event": "check", "result": "invalid", "message": e.to_string()})
+            ),
+            LogFormat::Text => eprintln!("wsgate check: {e}"),
+        }
+        ExitCode::from(2)
+    };
     let config = match Config::load(&path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("wsgate check: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return refused(&e),
     };
     let rt = runtime();
-    match rt.block_on(wsgate::state::Policy::build(config)) {
-        Ok(p) => {
-            let c = &p.config;
-            println!("configuration {} is valid", path.display());
-            println!("  listen:      {:?}", c.server.listen.addrs());
-            println!("  backend:     {} (connect_timeout {})", c.backend.url, c.backend.connect_timeout);
-            for cert in &p.certs {
-                println!("  certificate: {} (expires at unix {})", cert.server_name, cert.not_after);
-            }
-            if c.origin.allow_any {
-                println!("  origin:      any (allow_any = true)");
-            } else {
-                println!("  origin:      {:?} (allow_missing = {})", c.origin.allow, c.origin.allow_missing);
-            }
-            match &p.auth {
-                Some(_) => println!("  auth:        jwt {:?}, sources {:?}", c.auth.algorithms(), c.auth.sources()),
-                None => println!("  auth:        none"),
-            }
-            if let Some(why) = p.not_ready() {
-                // Not a configuration error: `run` starts fail-closed and keeps fetching.
-                println!("  warning:     {why}");
-                println!("               `wsgate run` would start without keys: every token refused (401),");
-                println!("               /readyz 503, retrying until the endpoint answers");
-            }
-            let l = &c.limits;
-            println!(
-                "  limits:      {}/ip, {} total, frame {}, message {}, {} msg/s, {}/s",
-                l.max_connections_per_ip,
-                c.server.max_connections,
-                l.max_frame_size,
-                l.max_message_size,
-                l.messages_per_second,
-                l.bytes_per_second
-            );
-            println!("  admin:       {}", c.admin.listen);
-            ExitCode::SUCCESS
+    let p = match rt.block_on(wsgate::state::Policy::build(config)) {
+        Ok(p) => p,
+        Err(e) => return refused(&e),
+    };
+    let c = &p.config;
+    let l = &c.limits;
+    let listen: Vec<String> = c.server.listen.addrs().iter().map(|a| a.to_string()).collect();
+    let auth = match &p.auth {
+        Some(_) => format!("jwt {:?}, sources {:?}", c.auth.algorithms(), c.auth.sources()),
+        None => "none".to_string(),
+    };
+    let origin = match c.origin.allow_any {
+        true => "any (allow_any = true)".to_string(),
+        false => format!("{:?} (allow_missing = {})", c.origin.allow, c.origin.allow_missing),
+    };
+    let limits = format!(
+        "{}/ip, {} total, frame {}, message {}, {} msg/s, {}/s",
+        l.max_connections_per_ip,
+        c.server.max_connections,
+        l.max_frame_size,
+        l.max_message_size,
+        l.messages_per_second,
+        l.bytes_per_second
+    );
+    // Not a configuration error: `run` starts fail-closed and keeps fetching.
+    let warning = p.not_ready().map(|why| {
+        format!("{why}; `wsgate run` would start without keys: every token refused (401), /readyz 503, retrying")
+    });
+    if format == LogFormat::Json {
+        let certs: Vec<_> = p
+            .certs
+            .iter()
+            .map(|cert| serde_json::json!({"server_name": cert.server_name, "not_after": cert.not_after}))
+            .collect();
+        let mut line = serde_json::json!({
+            "level": if warning.is_some() { "WARN" } else { "INFO" },
+            "event": "check",
+            "result": "valid",
+            "config": path.display().to_string(),
+            "listen": listen,
+            "backend": c.backend.url.to_string(),
+            "certificates": certs,
+            "origin": origin,
+            "auth": auth,
+            "limits": limits,
+            "admin": c.admin.listen.to_string(),
+        });
+        if let Some(w) = warning {
+            line["warning"] = w.into();
         }
-        Err(e) => {
-            eprintln!("wsgate check: {e}");
-            ExitCode::from(2)
-        }
+        println!("{line}");
+        return ExitCode::SUCCESS;
     }
+    println!("configuration {} is valid", path.display());
+    println!("  listen:      {}", listen.join(", "));
+    println!("  backend:     {} (connect_timeout {})", c.backend.url, c.backend.connect_timeout);
+    for cert in &p.certs {
+        println!("  certificate: {} (expires at unix {})", cert.server_name, cert.not_after);
+    }
+    println!("  origin:      {origin}");
+    println!("  auth:        {auth}");
+    println!("  limits:      {limits}");
+    println!("  admin:       {}", c.admin.listen);
+    if let Some(w) = warning {
+        println!("  warning:     {w}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn demo(mut listen: SocketAddr) -> ExitCode {

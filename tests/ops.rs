@@ -927,8 +927,18 @@ fn check_accepts_the_example_config() {
     let (_dir, path) = example_config(&pki, |t| t);
     let (code, stdout, stderr) = check(&path, SECRET);
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains("is valid"), "{stdout}");
-    assert!(stdout.contains("localhost"), "certificate summary missing:\n{stdout}");
+    // The example says `format = "json"`: one JSON object, like every line `run` prints.
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
+    assert_eq!(v["result"], "valid", "{stdout}");
+    assert_eq!(v["certificates"][0]["server_name"], "localhost", "{stdout}");
+    assert!(stderr.is_empty() && !stdout.contains(SECRET), "{stderr}");
+
+    // Under `format = "text"`, a summary for a person.
+    let (_dir, path) = example_config(&pki, |t| t.replace("format = \"json\"", "format = \"text\""));
+    let (code, stdout, stderr) = check(&path, SECRET);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("is valid") && stdout.contains("localhost"), "{stdout}");
     assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET));
 }
 
@@ -992,8 +1002,12 @@ fn check_refuses_broken_configs_naming_the_key() {
         let (_dir, path) = example_config(&pki, &edit);
         let (code, stdout, stderr) = check(&path, secret);
         assert_eq!(code, 2, "{what}: exit {code}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+        // `format = "json"` (even in a file that does not parse): the error is a JSON line.
+        let v: serde_json::Value =
+            serde_json::from_str(stderr.trim()).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {stderr}"));
+        let message = v["message"].as_str().unwrap_or_default();
         for n in needles {
-            assert!(stderr.contains(n), "{what}: message does not name {n:?}:\n{stderr}");
+            assert!(message.contains(n), "{what}: message does not name {n:?}:\n{stderr}");
         }
     }
 }

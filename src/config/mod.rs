@@ -449,6 +449,18 @@ impl Config {
         Config::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
     }
 
+    /// The `log.format` a config file asks for, read leniently so that an error in the rest
+    /// of the file is still reported in that format (JSON, the default, when the file cannot
+    /// be read or says nothing usable).
+    pub fn format_hint(path: &Path) -> LogFormat {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let table: toml::Table = toml::from_str(&text).unwrap_or_default();
+        match table.get("log").and_then(|l| l.get("format")).and_then(|f| f.as_str()) {
+            Some("text") => LogFormat::Text,
+            _ => LogFormat::Json,
+        }
+    }
+
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim_end().to_string()))?;
