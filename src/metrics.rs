@@ -32,6 +32,11 @@ pub const HANDSHAKE_RESULTS: [&str; 15] = [
     "tls_failed",
 ];
 
+/// Close codes the proxy sends itself (DESIGN.md's Relay table), exported at 0 from the start
+/// with `initiator="proxy"`: 1001 (idle, keepalive, shutdown, a backend's fault), 1002
+/// (protocol), 1007 (UTF-8), 1008 (rate limit, token expiry), 1009 (size), 1011 (backend gone).
+pub const PROXY_CLOSE_CODES: [u16; 6] = [1001, 1002, 1007, 1008, 1009, 1011];
+
 /// `result` label of handshakes and reloads.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -149,6 +154,12 @@ impl Metrics {
         for result in ["backend_unreachable", "backend_timeout"] {
             drop(backend_errors.get_or_create(&ResultLabel { result }));
         }
+        // The codes DESIGN.md's Relay table has the proxy send. Also, an empty family is not
+        // exported at all: without these, `wsgate_closes_total` was missing from a fresh
+        // process's /metrics until the first session ended.
+        for code in PROXY_CLOSE_CODES {
+            drop(closes.get_or_create(&CloseLabels { code: code.to_string(), initiator: "proxy" }));
+        }
         let dir = |d| DirLabel { direction: d };
         let c2b_msgs = messages.get_or_create(&dir("client_to_backend")).clone();
         let c2b_bytes = bytes.get_or_create(&dir("client_to_backend")).clone();
@@ -265,6 +276,21 @@ mod tests {
         assert!(text.contains("# TYPE wsgate_sessions_active gauge\n"), "{text}");
         assert!(text.contains("# TYPE wsgate_handshake_duration_seconds histogram\n"), "{text}");
         assert!(!text.contains("# EOF") && !text.contains("# UNIT") && !text.contains("_created"), "{text}");
+        // Every family DESIGN.md names is there before anything happened.
+        let fresh = Metrics::new().encode();
+        for name in [
+            "wsgate_sessions_active",
+            "wsgate_handshakes_total",
+            "wsgate_closes_total",
+            "wsgate_messages_total",
+            "wsgate_bytes_total",
+            "wsgate_rate_limited_messages_total",
+            "wsgate_handshake_duration_seconds",
+            "wsgate_config_reloads_total",
+        ] {
+            assert!(fresh.contains(&format!("# TYPE {name} ")), "{name} missing:\n{fresh}");
+        }
+        assert!(fresh.contains("wsgate_closes_total{code=\"1008\",initiator=\"proxy\"} 0\n"), "{fresh}");
         // A 0.0.4 parser files the counter under its own name, with its type.
         let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
         let s = scrape
