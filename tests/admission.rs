@@ -296,6 +296,40 @@ async fn passthrough_keeps_alive_within_bounds_and_logs_what_hyper_refuses() {
     assert!(started.elapsed() >= Duration::from_secs(2), "closed too early: {:?}", started.elapsed());
 }
 
+/// A backend that answers a plain request with 101 is broken: the client gets a 502, not a
+/// switch to a raw byte relay that no Origin or token check ever admitted.
+#[tokio::test]
+async fn passthrough_answers_a_backend_101_to_a_plain_request_with_502() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = read_http_head(&mut tcp).await;
+                let resp = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+                let _ = tcp.write_all(resp.as_bytes()).await;
+                let _ = tcp.write_all(b"raw bytes from the backend").await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut [0u8; 64])).await;
+            });
+        }
+    });
+    let pki = Pki::new();
+    let cfg = config(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"1s\"\nhttp = \"proxy\"");
+    let proxy = Proxy::start(&pki, &cfg);
+    let mut s = raw_tls(&proxy, &pki).await;
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut b = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.unwrap().unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&b[..n]);
+    }
+    let resp = String::from_utf8_lossy(&got).to_string();
+    assert_eq!(status_of(&resp), 502, "{resp}");
+    assert!(rejection_logged(&proxy, "backend_unreachable", 502).await, "{}", proxy.log_text());
+}
+
 #[tokio::test]
 async fn passthrough_ignores_other_upgrades_and_refuses_a_websocket_upgrade_after_a_request() {
     // A backend answering one plain request per connection; it reports each head it read.

@@ -199,6 +199,11 @@ async fn handle(shared: &Shared, policy: &Policy, req: Request<Incoming>, peer_i
         let _ = conn.await;
     });
     match tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(out)).await {
+        // Passthrough requests never ask to upgrade (those take the WebSocket path, with its
+        // Origin and token checks): a 101 here is a broken backend, not a switch to relay.
+        Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            failed(UpstreamError::Unreachable("a 101 to a request that did not ask to upgrade".into()))
+        }
         Ok(Ok(resp)) => resp.map(|b| b.boxed()),
         Ok(Err(e)) => failed(UpstreamError::Unreachable(format!("request: {e}"))),
         Err(_) => failed(UpstreamError::Timeout),
