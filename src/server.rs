@@ -63,8 +63,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, drops: Arc<pend
                 }
             },
         };
-        let max = shared.policy.load().config.limits.max_pending_handshakes_per_ip;
-        let Some(guard) = shared.pending.try_enter(peer.ip(), max) else {
+        let (key, max) = {
+            let limits = &shared.policy.load().config.limits;
+            (admission::limits::IpKey::from_config(peer.ip(), limits), limits.max_pending_handshakes_per_ip)
+        };
+        let Some(guard) = shared.pending.try_enter(key, max) else {
             // Dropped before any TLS work; summarised in the log, not one line each.
             shared.metrics.handshake("pending_dropped");
             drops.record(peer.ip());

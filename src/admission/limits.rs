@@ -6,7 +6,7 @@
 //!   process); a shared one (Redis, "Planned next") can be added behind the same trait without
 //!   touching admission.
 //! - [`GlobalCap`] caps proxied sessions (`server.max_connections`).
-//! - [`PendingTracker`] caps TCP connections not yet upgraded per peer IP
+//! - [`PendingTracker`] caps TCP connections not yet upgraded per peer IP, grouped by prefix
 //!   (`max_pending_handshakes_per_ip`), at accept, before any TLS work.
 //!
 //! Every count is held by an RAII guard ([`SessionPermit`], [`GlobalPermit`],
@@ -450,15 +450,16 @@ impl Drop for GlobalPermit {
 }
 
 /// `max_pending_handshakes_per_ip`: TCP connections accepted but not yet upgraded (nor
-/// refused), per TCP peer IP, checked at accept before any TLS work. Keyed by the peer
-/// exactly (not grouped, and before any X-Forwarded-For or PROXY header is read: behind a
-/// balancer that peer is the balancer, so set the cap for it).
+/// refused), per TCP peer, checked at accept before any TLS work, before any X-Forwarded-For
+/// or PROXY header is read (behind a balancer that peer is the balancer, so set the cap for
+/// it). Peers are grouped by `ipv4_prefix` / `ipv6_prefix` like every per-IP limit ([`IpKey`]):
+/// an IPv6 client holds a whole /64, and a cap per address would cap nothing.
 ///
 /// An entry exists only while it has a live connection, so the table is bounded by the
 /// number of open sockets and needs no sweeping.
 #[derive(Debug, Default)]
 pub struct PendingTracker {
-    map: Mutex<HashMap<IpAddr, u64>>,
+    map: Mutex<HashMap<IpKey, u64>>,
 }
 
 impl PendingTracker {
@@ -468,9 +469,8 @@ impl PendingTracker {
     }
 
     /// Counts one more pending connection from `peer`, unless it already has `max`.
-    /// `None` means: drop the connection now. IPv4-mapped IPv6 peers count as IPv4.
-    pub fn try_enter(self: &Arc<Self>, peer: IpAddr, max: u64) -> Option<PendingGuard> {
-        let peer = peer.to_canonical();
+    /// `None` means: drop the connection now.
+    pub fn try_enter(self: &Arc<Self>, peer: IpKey, max: u64) -> Option<PendingGuard> {
         let mut map = lock(&self.map);
         let n = map.entry(peer).or_insert(0);
         if *n >= max {
@@ -485,14 +485,14 @@ impl PendingTracker {
         Some(PendingGuard { tracker: Arc::clone(self), peer })
     }
 
-    /// Peer IPs with at least one pending connection.
+    /// Peers with at least one pending connection.
     pub fn tracked(&self) -> usize {
         lock(&self.map).len()
     }
 
     /// Pending connections from `peer` (for tests and logs).
-    pub fn pending(&self, peer: IpAddr) -> u64 {
-        lock(&self.map).get(&peer.to_canonical()).copied().unwrap_or(0)
+    pub fn pending(&self, peer: IpKey) -> u64 {
+        lock(&self.map).get(&peer).copied().unwrap_or(0)
     }
 }
 
@@ -502,7 +502,7 @@ impl PendingTracker {
 #[must_use = "the pending slot is released as soon as the guard is dropped"]
 pub struct PendingGuard {
     tracker: Arc<PendingTracker>,
-    peer: IpAddr,
+    peer: IpKey,
 }
 
 impl Drop for PendingGuard {
@@ -807,17 +807,22 @@ mod tests {
     #[test]
     fn pending_tracker_caps_per_peer_and_forgets_at_zero() {
         let t = PendingTracker::new();
-        let a = v4("192.0.2.1");
+        let key = |s: &str| IpKey::new(s.parse().unwrap(), 32, 64);
+        let a = key("192.0.2.1");
         let g1 = t.try_enter(a, 2).unwrap();
         let g2 = t.try_enter(a, 2).unwrap();
         assert!(t.try_enter(a, 2).is_none());
-        // Not grouped: the neighbour has its own count.
-        let g3 = t.try_enter(v4("192.0.2.2"), 2).unwrap();
+        // With /32, the neighbour has its own count.
+        let g3 = t.try_enter(key("192.0.2.2"), 2).unwrap();
         // A mapped address is the same peer.
-        let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped());
+        let mapped = IpKey::new(IpAddr::V6(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped()), 32, 64);
         assert!(t.try_enter(mapped, 2).is_none());
         assert_eq!(t.pending(mapped), 2);
         assert_eq!(t.tracked(), 2);
+        // Two addresses of one IPv6 /64 are one peer.
+        let g5 = t.try_enter(key("2001:db8:1:2::1"), 1).unwrap();
+        assert!(t.try_enter(key("2001:db8:1:2:ffff::9"), 1).is_none());
+        drop(g5);
         drop(g1);
         assert_eq!(t.pending(a), 1);
         let g4 = t.try_enter(a, 2).unwrap();
