@@ -61,28 +61,36 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
 /// will decode it, is `want`: `access%5Ftoken` is `access_token` to the backend, so it is
 /// scrubbed (and read) as one.
 fn decodes_to(raw: &str, want: &str) -> bool {
-    if raw == want {
-        return true;
-    }
-    if !raw.contains('%') {
-        return false;
-    }
-    let (raw, name) = (raw.as_bytes(), want.as_bytes());
-    let (mut i, mut j) = (0, 0);
-    while i < raw.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        let (byte, step) = match (raw[i], raw.get(i + 1).copied().and_then(hex), raw.get(i + 2).copied().and_then(hex))
-        {
-            (b'%', Some(h), Some(l)) => ((h * 16 + l) as u8, 3),
-            (b, _, _) => (b, 1),
-        };
-        if name.get(j) != Some(&byte) {
-            return false;
+    raw == want || (raw.contains('%') && percent_decoded(raw).eq(want.bytes()))
+}
+
+/// `raw` with its `%XX` escapes decoded (a `%` not followed by two hex digits stays as it is).
+fn percent_decoded(raw: &str) -> impl Iterator<Item = u8> + '_ {
+    let raw = raw.as_bytes();
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+        let b = *raw.get(i)?;
+        match (b, hex(raw.get(i + 1)), hex(raw.get(i + 2))) {
+            (b'%', Some(h), Some(l)) => {
+                i += 3;
+                Some((h * 16 + l) as u8)
+            }
+            _ => {
+                i += 1;
+                Some(b)
+            }
         }
-        i += step;
-        j += 1;
+    })
+}
+
+/// A token query value as the client meant it: `%2E` is a `.` (a JWT needs no escapes, but
+/// a client's URL encoder may add some). Invalid UTF-8 after decoding: taken as sent.
+fn query_token(raw: &str) -> std::borrow::Cow<'_, str> {
+    if !raw.contains('%') {
+        return raw.into();
     }
-    j == name.len()
+    String::from_utf8(percent_decoded(raw).collect()).map_or(raw.into(), Into::into)
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -128,12 +136,12 @@ pub fn extract(
 ) -> Option<Found> {
     for s in sources {
         let t = match s {
-            TokenSource::Header => bearer(headers),
-            TokenSource::Query(n) => query.and_then(|q| query_param(q, n)),
-            TokenSource::Cookie(n) => cookie(headers, n),
-            TokenSource::Subprotocol => token_pair(protocols).map(|i| protocols[i + 1].as_str()),
+            TokenSource::Header => bearer(headers).map(Into::into),
+            TokenSource::Query(n) => query.and_then(|q| query_param(q, n)).map(query_token),
+            TokenSource::Cookie(n) => cookie(headers, n).map(Into::into),
+            TokenSource::Subprotocol => token_pair(protocols).map(|i| protocols[i + 1].as_str().into()),
         };
-        if let Some(t) = t.filter(|t| !t.is_empty()) {
+        if let Some(t) = t.filter(|t: &std::borrow::Cow<'_, str>| !t.is_empty()) {
             return Some(Found { token: t.to_string(), source: s.clone() });
         }
     }
@@ -254,6 +262,10 @@ mod tests {
         h.insert(COOKIE, HeaderValue::from_static("a=1; access_token=CK"));
         let f = extract(&all(), &h, Some("x=1&access_token=QT"), &[]).unwrap();
         assert_eq!(f, Found { token: "QT".into(), source: TokenSource::Query("access_token".into()) });
+        // A query value is percent-decoded, as any query parser would; a broken escape stays.
+        assert_eq!(extract(&all(), &h, Some("access_token=a%2Eb%2ec"), &[]).unwrap().token, "a.b.c");
+        assert_eq!(extract(&all(), &h, Some("access_token=a%2.b%ZZ"), &[]).unwrap().token, "a%2.b%ZZ");
+        assert_eq!(extract(&all(), &h, Some("access_token=%FF%2E"), &[]).unwrap().token, "%FF%2E");
         let f = extract(&all(), &h, None, &[]).unwrap();
         assert_eq!(f.token, "CK");
         let mut quoted = HeaderMap::new();
