@@ -82,9 +82,12 @@ impl OriginPattern {
         if !self.wildcard {
             return o.host == self.origin.host;
         }
-        // Exactly one extra, non-empty label in front of the suffix.
+        // Exactly one extra label in front of the suffix: a DNS label (letters, digits,
+        // hyphens, underscores), so `*` or `a%2Eb` (which no browser sends) is not one.
+        let is_label =
+            |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         match o.host.split_once('.') {
-            Some((label, rest)) => !label.is_empty() && rest == self.origin.host,
+            Some((label, rest)) => is_label(label) && rest == self.origin.host,
             None => false,
         }
     }
@@ -158,6 +161,11 @@ mod tests {
         assert!(!p.allows(Some(b"https://evilexample.com")));
         assert!(!p.allows(Some(b"https://.example.com")));
         assert!(!p.allows(Some(b"null")));
+        // Not labels: no browser sends these.
+        assert!(!p.allows(Some(b"https://*.example.com")));
+        assert!(!p.allows(Some(b"https://a%2Eb.example.com")));
+        assert!(p.allows(Some(b"https://xn--bcher-kva.example.com")));
+        assert!(p.allows(Some(b"https://A-1_b.example.com")));
     }
 
     #[test]
