@@ -865,7 +865,7 @@ async fn json_format_means_every_stdout_and_stderr_line_is_json() {
     let good = std::fs::read_to_string(&proxy.config_path).unwrap();
     std::fs::write(&proxy.config_path, "nonsense = ").unwrap();
     reload(&proxy, "refused").await;
-    std::fs::write(&proxy.config_path, good.replace("127.0.0.1:0", "127.0.0.1:1")).unwrap();
+    std::fs::write(&proxy.config_path, good.replacen("127.0.0.1:0", "127.0.0.1:1", 1)).unwrap();
     reload(&proxy, "ok").await; // says listen addresses change only on restart
     proxy.signal("TERM");
     assert_eq!(closed_with(&mut ws).await, Some(1001));

@@ -476,6 +476,17 @@ impl Config {
         }
         nonzero_dur("server.handshake_timeout", s.handshake_timeout)?;
         nonzero("server.max_connections", s.max_connections)?;
+        let admin = self.admin.listen;
+        // Two listeners on one port clash when their addresses are equal or either is the
+        // wildcard; `check` says so rather than `run` failing to bind.
+        let clash = |a: &SocketAddr| {
+            a.port() != 0
+                && a.port() == admin.port()
+                && (a.ip() == admin.ip() || a.ip().is_unspecified() || admin.ip().is_unspecified())
+        };
+        if let Some(a) = s.listen.addrs().iter().find(|a| clash(a)) {
+            bail!("admin.listen: {admin} takes the port of server.listen {a}");
+        }
 
         if !matches!(self.tls.min_version.as_str(), "1.2" | "1.3") {
             bail!("tls.min_version: must be \"1.2\" or \"1.3\", got {:?}", self.tls.min_version);
@@ -731,6 +742,7 @@ secret_env = "X"
             (format!("{BASE}jwks_refresh = \"5m\"\n"), "auth.jwks_refresh"),
             (format!("{BASE}[log]\nlevel = \"info,hyper\"\n"), "log.level"),
             (format!("{BASE}[auth.forward_claims]\nsub = \"X_Forwarded_For\"\n"), "set by the proxy"),
+            (format!("{BASE}[admin]\nlisten = \"0.0.0.0:8443\"\n"), "admin.listen"),
         ];
         for (text, want) in cases {
             let e = Config::parse(&text).unwrap_err();
