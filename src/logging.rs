@@ -18,7 +18,10 @@ fn remember<S: 'static>(handle: reload::Handle<EnvFilter, S>) {
 /// Installs the global subscriber. A second call (tests, reload) is ignored.
 pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    // A failed write (stdout closed) is not reported on stderr: that report is plain text,
+    // and every line must stay JSON under `format = "json"`.
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout).log_internal_errors(false);
     match format {
         LogFormat::Json => {
             let b = builder.json().flatten_event(true).with_current_span(false).with_span_list(false);
