@@ -893,6 +893,50 @@ async fn json_format_means_every_stdout_and_stderr_line_is_json() {
     }
 }
 
+/// stdout closed under the proxy (a log shipper that died): it keeps serving, and stderr
+/// gets no plain-text complaint per event (tracing-subscriber's default), so it stays JSON.
+#[tokio::test]
+async fn closed_stdout_adds_no_plain_text_to_stderr() {
+    use std::io::{BufRead, Read};
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(backend.addr, "");
+    let path = dir.path().join("wsgate.toml");
+    std::fs::write(&path, fill(&cfg, &pki, &dir.path().join("secret"))).unwrap();
+    std::fs::write(dir.path().join("secret"), SECRET).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    out.read_line(&mut first).unwrap();
+    let started: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let admin: std::net::SocketAddr = started["admin"].as_str().unwrap().parse().unwrap();
+    drop(out); // the reading end goes away
+    for _ in 0..3 {
+        assert_eq!(http_get(admin, "/healthz").await.0, 200);
+        let listen = started["listen"].as_str().unwrap().trim_matches(|c| c == '[' || c == ']').to_string();
+        // Plaintext on the TLS port: a `tls_failed` rejection line.
+        let mut s = tokio::net::TcpStream::connect(listen.as_str()).await.unwrap();
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b"GET / HTTP/1.1\r\n\r\n").await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncReadExt::read(&mut s, &mut [0u8; 64])).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    for l in err.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(serde_json::from_str::<serde_json::Value>(l).is_ok(), "not JSON on stderr: {l}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // wsgate check
 
