@@ -399,7 +399,9 @@ async fn connection(
         resp.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
         resp.extend_from_slice(p.as_bytes());
     }
-    resp.extend_from_slice(b"\r\n\r\n");
+    resp.extend_from_slice(b"\r\n");
+    resp.extend_from_slice(&connected.headers);
+    resp.extend_from_slice(b"\r\n");
     if tls.write_all(&resp).await.is_err() || tls.flush().await.is_err() {
         return;
     }

@@ -320,10 +320,38 @@ impl Upstream {
                 Some(p.to_string())
             }
         };
+        let mut passed = Vec::new();
+        for h in resp.headers.iter().filter(|h| !NOT_PASSED_BACK.iter().any(|n| h.name.eq_ignore_ascii_case(n))) {
+            passed.extend_from_slice(h.name.as_bytes());
+            passed.extend_from_slice(b": ");
+            passed.extend_from_slice(h.value);
+            passed.extend_from_slice(b"\r\n");
+        }
         let leftover = buf.split_off(head_len);
-        Ok(Connected { stream, protocol, leftover })
+        Ok(Connected { stream, protocol, leftover, headers: passed })
     }
 }
+
+/// Headers of the backend's 101 that the client's 101 does not repeat: the handshake's own
+/// (the proxy answers those for its side of the connection), hop-by-hop ones, framing, and
+/// `Server`/`Date` (as nginx hides them). The rest (`Set-Cookie`, the backend's own `X-`
+/// headers) reach the client, as behind nginx.
+const NOT_PASSED_BACK: [&str; 14] = [
+    "upgrade",
+    "connection",
+    "sec-websocket-accept",
+    "sec-websocket-protocol",
+    "sec-websocket-extensions",
+    "sec-websocket-version",
+    "content-length",
+    "transfer-encoding",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "server",
+    "date",
+];
 
 /// TCP to `host:port`, trying each resolved address in turn as `TcpStream::connect` does,
 /// with `TCP_NODELAY` set; `first` (may be empty) is sent as soon as the connection is up,
@@ -443,6 +471,9 @@ pub struct Connected {
     pub protocol: Option<String>,
     /// Frame bytes that arrived with the response head.
     pub leftover: Vec<u8>,
+    /// The backend 101's headers that the client's 101 repeats, as `Name: value\r\n` lines
+    /// (empty, unallocated, when there are none).
+    pub headers: Vec<u8>,
 }
 
 /// What the backend is sent: path, scrubbed client headers, forwarding and claim headers.

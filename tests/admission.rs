@@ -200,6 +200,36 @@ async fn many_short_headers_under_16_kib_pass() {
     }
 }
 
+/// The backend's own headers on its 101 (a session cookie, say) reach the client, as behind
+/// nginx; the handshake's own, hop-by-hop ones and `Server`/`Date` do not.
+#[tokio::test]
+async fn backend_101_headers_reach_the_client_except_the_handshake_s_own() {
+    let (addr, _head_rx) = raw_backend_once(|head| {
+        let key = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:").then(|| l[18..].trim().to_string()))
+            .unwrap();
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\
+             Set-Cookie: chat_session=abc; Secure; HttpOnly\r\nX-Chat-Node: 7\r\nServer: legacy/1.0\r\n\
+             Date: Thu, 01 Jan 2026 00:00:00 GMT\r\nKeep-Alive: timeout=5\r\n\r\n",
+            wsgate::upstream::accept_key(key.as_bytes())
+        )
+    })
+    .await;
+    let pki = Pki::new();
+    let proxy = Proxy::start(&pki, &config(addr, ""));
+    let resp = raw_request(&proxy, &pki, "127.0.0.1", upgrade_request("").as_bytes()).await;
+    assert_eq!(status_of(&resp), 101, "{resp}");
+    assert_eq!(header_of(&resp, "set-cookie").as_deref(), Some("chat_session=abc; Secure; HttpOnly"), "{resp}");
+    assert_eq!(header_of(&resp, "x-chat-node").as_deref(), Some("7"), "{resp}");
+    for h in ["server", "date", "keep-alive"] {
+        assert_eq!(header_of(&resp, h), None, "{h}: {resp}");
+    }
+    assert_eq!(resp.matches("Sec-WebSocket-Accept").count(), 1, "{resp}");
+    assert_eq!(resp.to_ascii_lowercase().matches("\r\nupgrade:").count(), 1, "{resp}");
+}
+
 #[tokio::test]
 async fn plain_http_passes_through_scrubbed_and_a_dead_backend_is_502() {
     let (addr, head_rx) =
