@@ -22,6 +22,7 @@ fn route<B>(shared: &Shared, req: &Request<B>) -> Response<Full<Bytes>> {
         "/metrics" => respond(StatusCode::OK, crate::metrics::CONTENT_TYPE, {
             // Live at scrape time: the table grows between sweeps, which is what to watch.
             shared.metrics.per_ip_keys.set(shared.limiter.tracked_keys() as i64);
+            shared.metrics.set_jwks(shared.policy.load().auth.as_ref().and_then(|a| a.jwks_fetched_at()));
             shared.metrics.encode()
         }),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),

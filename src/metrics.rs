@@ -92,6 +92,15 @@ pub struct Metrics {
     pub backend_errors: Family<ResultLabel, Counter>,
     /// `wsgate_per_ip_tracked_keys`
     pub per_ip_keys: Gauge,
+    /// `wsgate_jwks_last_success_timestamp_seconds{url}`, only with `jwks_url`
+    pub jwks_fetched: Family<UrlLabel, Gauge>,
+}
+
+/// `url` label of the JWKS gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UrlLabel {
+    /// The configured `jwks_url`.
+    pub url: String,
 }
 
 impl Default for Metrics {
@@ -143,6 +152,12 @@ impl Metrics {
             "Client IP prefixes tracked by the per-IP limiter",
             per_ip_keys.clone(),
         );
+        let jwks_fetched = Family::<UrlLabel, Gauge>::default();
+        r.register(
+            "wsgate_jwks_last_success_timestamp_seconds",
+            "When the jwks_url key set was last fetched, seconds since the epoch (0: never)",
+            jwks_fetched.clone(),
+        );
         // Every known label value exists from the start at 0, so that the first refusal of a
         // kind shows up in `rate()`/`increase()` (a series born at 1 has no increase).
         for result in HANDSHAKE_RESULTS {
@@ -180,6 +195,16 @@ impl Metrics {
             cert_expiry,
             backend_errors,
             per_ip_keys,
+            jwks_fetched,
+        }
+    }
+
+    /// Sets the JWKS gauge from the running authenticator (at scrape time): one series for
+    /// the current `jwks_url`, none without one.
+    pub fn set_jwks(&self, fetched: Option<(&str, u64)>) {
+        self.jwks_fetched.clear();
+        if let Some((url, at)) = fetched {
+            self.jwks_fetched.get_or_create(&UrlLabel { url: url.to_string() }).set(at as i64);
         }
     }
 

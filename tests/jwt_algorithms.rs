@@ -410,6 +410,13 @@ async fn jwks_url_down_at_start_then_up_then_down_during_a_reload() {
     assert!(stdout.contains("warning") && stdout.contains("503"), "{stdout}");
 
     let proxy = Proxy::start(&pki, &cfg);
+    let fetched_at = |m: String| {
+        let line = m.lines().find(|l| l.starts_with("wsgate_jwks_last_success_timestamp_seconds{")).map(str::to_string);
+        let line = line.unwrap_or_else(|| panic!("no JWKS gauge:\n{m}"));
+        assert!(line.contains(&format!("url=\"{}\"", idp.url)), "{line}");
+        line.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
+    };
+    assert_eq!(fetched_at(proxy.metrics().await), 0.0, "never fetched");
     assert_eq!(proxy.admin_get("/readyz").await.0, 503, "no keys: not ready");
     refused(&proxy, &pki, &k1.sign(Some("k1"), &claims("early")), "no keys yet").await;
     assert!(proxy.wait_log("\"detail\":\"no_keys\"", Duration::from_secs(2)).await, "{}", proxy.log_text());
@@ -421,6 +428,8 @@ async fn jwks_url_down_at_start_then_up_then_down_during_a_reload() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     admitted(&proxy, &pki, &mut backend, &k1.sign(Some("k1"), &claims("later")), "later").await;
+    let first = fetched_at(proxy.metrics().await);
+    assert!(first > 1.7e9, "{first}");
 
     idp.set_down(true);
     let hits = idp.hits();
@@ -429,6 +438,7 @@ async fn jwks_url_down_at_start_then_up_then_down_during_a_reload() {
     assert!(idp.hits() > hits, "the reload fetched");
     assert_eq!(proxy.admin_get("/readyz").await.0, 200);
     admitted(&proxy, &pki, &mut backend, &k1.sign(Some("k1"), &claims("kept")), "kept").await;
+    assert_eq!(fetched_at(proxy.metrics().await), first, "the kept keys are as old as their fetch");
 }
 
 #[tokio::test]

@@ -316,9 +316,16 @@ struct Remote {
     first_refresh: Duration,
     /// Held during an unknown-kid refetch; holds the time of the last one.
     kid_refetch: tokio::sync::Mutex<Option<Instant>>,
+    /// When a fetch last succeeded, in unix seconds (0: never), for the metrics.
+    fetched_at: std::sync::atomic::AtomicU64,
 }
 
 impl Remote {
+    fn fetched_now(&self) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.fetched_at.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// One fetch, turned into a key set.
     async fn fetch_set(&self) -> Result<KeySet, FetchError> {
         let jwks = self.fetcher.fetch().await?;
@@ -337,6 +344,7 @@ impl Remote {
                     tracing::debug!(%url, keys = new.usable, reason = why, "JWKS refreshed");
                 }
                 set.store(Arc::new(new));
+                self.fetched_now();
                 true
             }
             Err(e) if set.load().usable == 0 => {
@@ -513,9 +521,13 @@ impl Authenticator {
                 allowed: allowed.clone(),
                 first_refresh: cfg.jwks_refresh(),
                 kid_refetch: tokio::sync::Mutex::new(None),
+                fetched_at: std::sync::atomic::AtomicU64::new(0),
             };
             let set = match remote.fetch_set().await {
-                Ok(set) => Arc::new(set),
+                Ok(set) => {
+                    remote.fetched_now();
+                    Arc::new(set)
+                }
                 Err(e) => {
                     let msg = e.message();
                     if let Some(kept) = running.and_then(|r| r.keys_fetched_from(url)) {
@@ -524,6 +536,9 @@ impl Authenticator {
                         // must not wait for the identity provider.
                         tracing::warn!(%url, error = msg, "JWKS fetch failed; keeping the keys fetched before the reload");
                         remote.first_refresh = remote.refresh.min(RETRY_AFTER_FAILURE);
+                        if let Some(at) = running.and_then(|r| r.jwks_fetched_at()) {
+                            remote.fetched_at.store(at.1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         kept
                     } else if let FetchError::Unavailable(m) = &e {
                         // The identity provider is down, not the configuration wrong: start
@@ -614,6 +629,17 @@ impl Authenticator {
         match &self.keys {
             Keys::Set { set, .. } if set.load().usable == 0 => {
                 Some(self.no_keys.as_deref().unwrap_or("auth.jwks_url: no keys fetched yet"))
+            }
+            _ => None,
+        }
+    }
+
+    /// The `jwks_url` and when a fetch from it last succeeded (unix seconds, 0: never), for
+    /// `wsgate_jwks_last_success_timestamp_seconds`; `None` without `jwks_url`.
+    pub fn jwks_fetched_at(&self) -> Option<(&str, u64)> {
+        match &self.keys {
+            Keys::Set { remote: Some(r), .. } => {
+                Some((r.fetcher.url.as_str(), r.fetched_at.load(std::sync::atomic::Ordering::Relaxed)))
             }
             _ => None,
         }
