@@ -172,21 +172,23 @@ async fn raw_backend_once(
     (addr, head_rx)
 }
 
+/// A backend's 101 to the upgrade request `head`, with `extra` header lines.
+fn answer_101(head: &str, extra: &str) -> String {
+    let key = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:").then(|| l[18..].trim().to_string()))
+        .unwrap();
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{extra}\r\n",
+        wsgate::upstream::accept_key(key.as_bytes())
+    )
+}
+
 #[tokio::test]
 async fn many_short_headers_under_16_kib_pass() {
     // A raw backend: tungstenite's parser stops at 124 headers, and the test needs the head
     // byte for byte.
-    let (addr, head_rx) = raw_backend_once(|head| {
-        let key = head
-            .lines()
-            .find_map(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:").then(|| l[18..].trim().to_string()))
-            .unwrap();
-        format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-            wsgate::upstream::accept_key(key.as_bytes())
-        )
-    })
-    .await;
+    let (addr, head_rx) = raw_backend_once(|head| answer_101(head, "")).await;
     let pki = Pki::new();
     let proxy = Proxy::start(&pki, &config(addr, ""));
     // Only the size of the head counts: 300 short headers (about 3 KiB) pass.
@@ -204,19 +206,9 @@ async fn many_short_headers_under_16_kib_pass() {
 /// nginx; the handshake's own, hop-by-hop ones and `Server`/`Date` do not.
 #[tokio::test]
 async fn backend_101_headers_reach_the_client_except_the_handshake_s_own() {
-    let (addr, _head_rx) = raw_backend_once(|head| {
-        let key = head
-            .lines()
-            .find_map(|l| l.to_ascii_lowercase().starts_with("sec-websocket-key:").then(|| l[18..].trim().to_string()))
-            .unwrap();
-        format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\
-             Set-Cookie: chat_session=abc; Secure; HttpOnly\r\nX-Chat-Node: 7\r\nServer: legacy/1.0\r\n\
-             Date: Thu, 01 Jan 2026 00:00:00 GMT\r\nKeep-Alive: timeout=5\r\n\r\n",
-            wsgate::upstream::accept_key(key.as_bytes())
-        )
-    })
-    .await;
+    let extra = "Set-Cookie: chat_session=abc; Secure; HttpOnly\r\nX-Chat-Node: 7\r\nServer: legacy/1.0\r\n\
+                 Date: Thu, 01 Jan 2026 00:00:00 GMT\r\nKeep-Alive: timeout=5\r\n";
+    let (addr, _head_rx) = raw_backend_once(move |head| answer_101(head, extra)).await;
     let pki = Pki::new();
     let proxy = Proxy::start(&pki, &config(addr, ""));
     let resp = raw_request(&proxy, &pki, "127.0.0.1", upgrade_request("").as_bytes()).await;
