@@ -248,20 +248,25 @@ async fn plain_http_passes_through_scrubbed_and_a_dead_backend_is_502() {
     assert!(rejection_logged(&proxy, "backend_unreachable", 502).await, "{}", proxy.log_text());
 }
 
-#[tokio::test]
-async fn passthrough_keeps_alive_within_bounds_and_logs_what_hyper_refuses() {
-    // A backend answering one plain request per connection.
+/// A backend answering one plain request per connection with `reply`.
+async fn http_backend(reply: &'static [u8]) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let _ = read_http_head(&mut tcp).await;
-                let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
-                let _ = tcp.read(&mut [0u8; 64]).await;
+                let _ = tcp.write_all(reply).await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut [0u8; 64])).await;
             });
         }
     });
+    addr
+}
+
+#[tokio::test]
+async fn passthrough_keeps_alive_within_bounds_and_logs_what_hyper_refuses() {
+    let addr = http_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
     let pki = Pki::new();
     let cfg = config(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"1s\"\nhttp = \"proxy\"");
     let proxy = Proxy::start(&pki, &cfg);
@@ -322,19 +327,10 @@ async fn passthrough_keeps_alive_within_bounds_and_logs_what_hyper_refuses() {
 /// switch to a raw byte relay that no Origin or token check ever admitted.
 #[tokio::test]
 async fn passthrough_answers_a_backend_101_to_a_plain_request_with_502() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let _ = read_http_head(&mut tcp).await;
-                let resp = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
-                let _ = tcp.write_all(resp.as_bytes()).await;
-                let _ = tcp.write_all(b"raw bytes from the backend").await;
-                let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut [0u8; 64])).await;
-            });
-        }
-    });
+    let addr = http_backend(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nraw bytes from the backend",
+    )
+    .await;
     let pki = Pki::new();
     let cfg = config(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"1s\"\nhttp = \"proxy\"");
     let proxy = Proxy::start(&pki, &cfg);
