@@ -76,9 +76,11 @@ pub struct VerifiedToken {
 pub enum TokenError {
     /// The token is invalid. Reasons: `"malformed"`, `"algorithm"`, `"signature"`,
     /// `"expired"`, `"not_yet_valid"`, `"missing_exp"`, `"issuer"`, `"audience"`,
-    /// `"unknown_kid"`, `"missing_kid"`, `"key"` (the key could not be used), `"no_keys"`
-    /// (a `jwks_url` not fetched yet), `"invalid"`.
+    /// `"unknown_kid"`, `"missing_kid"`, `"key"` (the key could not be used), `"invalid"`.
     Invalid(&'static str),
+    /// No key to check it with: a `jwks_url` not fetched yet (reason `"no_keys"`). Not the
+    /// token's fault, so not answered as an invalid token (a client would discard it).
+    NoKeys,
 }
 
 impl TokenError {
@@ -86,6 +88,7 @@ impl TokenError {
     pub fn reason(&self) -> &'static str {
         match self {
             TokenError::Invalid(r) => r,
+            TokenError::NoKeys => "no_keys",
         }
     }
 }
@@ -314,6 +317,8 @@ struct Remote {
     /// When the refresh task first fetches: sooner than `refresh` when the build could not
     /// fetch (no keys yet, or keys kept from before a reload).
     first_refresh: Duration,
+    /// `jwks_ca_file`, to tell at a reload whether the key source changed.
+    ca_file: Option<std::path::PathBuf>,
     /// Held during an unknown-kid refetch; holds the time of the last one.
     kid_refetch: tokio::sync::Mutex<Option<Instant>>,
     /// When a fetch last succeeded, in unix seconds (0: never), for the metrics.
@@ -434,20 +439,21 @@ impl Authenticator {
     /// - `jwks_url`: an https URL fetched once now (an unreachable URL is an error naming
     ///   `auth.jwks_url`), trusting the system roots plus `jwks_ca_file` when set. An endpoint
     ///   that is unavailable (unreachable, 5xx, a timeout) is not a configuration error: the
-    ///   authenticator starts without keys, refuses every token and reports it through
-    ///   [`Authenticator::no_keys`] until its refresh task fetches a set. An answer that is
-    ///   not a usable key set, or a certificate the roots refuse, is an error naming
-    ///   `auth.jwks_url`.
+    ///   authenticator starts without keys, answers every token [`TokenError::NoKeys`] and
+    ///   reports it through [`Authenticator::no_keys`] until its refresh task fetches a set.
+    ///   An answer that is not a usable key set (404, not JSON, too large, no usable key), or
+    ///   a certificate the roots refuse, is an error naming `auth.jwks_url`.
     ///
     /// Every error is a [`ConfigError`] naming the key, never containing a secret.
     pub async fn from_config(cfg: &AuthConfig) -> Result<Authenticator, ConfigError> {
         Self::build(cfg, None).await
     }
 
-    /// As [`Authenticator::from_config`], for a reload while `running` serves: when the new
-    /// config fetches from the same `jwks_url` and the fetch fails, whatever the reason, the
-    /// keys `running` holds are kept (the identity provider's outage must not refuse a reload
-    /// that renews a certificate).
+    /// As [`Authenticator::from_config`], for a reload while `running` serves. When the
+    /// endpoint is unavailable and the key source is unchanged (URL, CA file, algorithms), the
+    /// keys `running` holds are kept: the identity provider's outage must not refuse a reload
+    /// that renews a certificate. Any other failed fetch refuses the reload while `running`
+    /// has keys (so the running configuration stays).
     pub async fn reloaded(cfg: &AuthConfig, running: &Authenticator) -> Result<Authenticator, ConfigError> {
         Self::build(cfg, Some(running)).await
     }
@@ -520,6 +526,7 @@ impl Authenticator {
                 cooldown: KID_REFETCH_COOLDOWN,
                 allowed: allowed.clone(),
                 first_refresh: cfg.jwks_refresh(),
+                ca_file: cfg.jwks_ca_file.clone(),
                 kid_refetch: tokio::sync::Mutex::new(None),
                 fetched_at: std::sync::atomic::AtomicU64::new(0),
             };
@@ -529,32 +536,35 @@ impl Authenticator {
                     Arc::new(set)
                 }
                 Err(e) => {
-                    let msg = e.message();
-                    if let Some(kept) = running.and_then(|r| r.keys_fetched_from(url)) {
-                        // A reload while the identity provider is down: the URL did not change,
-                        // so the keys it served before are still its keys. A certificate renewal
-                        // must not wait for the identity provider.
+                    let unavailable = matches!(e, FetchError::Unavailable(_));
+                    let kept = running.filter(|_| unavailable).and_then(|r| r.keys_to_keep(&remote));
+                    if let Some((kept, fetched_at)) = kept {
+                        // A reload while the identity provider is down, the key source
+                        // unchanged: the keys it served before are still its keys, and a
+                        // certificate renewal must not wait for it.
+                        let msg = e.message();
                         tracing::warn!(%url, error = msg, "JWKS fetch failed; keeping the keys fetched before the reload");
                         remote.first_refresh = remote.refresh.min(RETRY_AFTER_FAILURE);
-                        if let Some(at) = running.and_then(|r| r.jwks_fetched_at()) {
-                            remote.fetched_at.store(at.1, std::sync::atomic::Ordering::Relaxed);
-                        }
+                        remote.fetched_at.store(fetched_at, std::sync::atomic::Ordering::Relaxed);
                         kept
-                    } else if let FetchError::Unavailable(m) = &e {
-                        // The identity provider is down, not the configuration wrong: start
-                        // fail-closed (every token refused, `/readyz` 503) and keep trying,
-                        // rather than exit and leave the service down after it comes back.
+                    } else if unavailable && running.is_none_or(|r| r.no_keys().is_some()) {
+                        // The identity provider is down, not the configuration wrong, and there
+                        // are no keys to lose: start fail-closed (handshakes 503, `/readyz` 503)
+                        // and keep trying, rather than exit and stay down after it is back.
+                        let msg = e.message();
                         tracing::warn!(
                             %url,
-                            error = %m,
-                            "JWKS endpoint unavailable; starting without keys: every token is refused \
-                             and /readyz answers 503 until a fetch succeeds"
+                            error = msg,
+                            "JWKS endpoint unavailable; starting without keys: every handshake is refused \
+                             (503) and /readyz answers 503 until a fetch succeeds"
                         );
-                        no_keys = Some(format!("auth.jwks_url: cannot fetch {url}: {m}"));
+                        no_keys = Some(format!("auth.jwks_url: cannot fetch {url}: {msg}"));
                         remote.first_refresh = FIRST_RETRY.min(remote.refresh);
                         Arc::new(KeySet::default())
                     } else {
-                        return Err(ConfigError(format!("auth.jwks_url: cannot use {url}: {msg}")));
+                        // A broken answer, or a reload that would trade working keys for none:
+                        // refused (at a reload, the running configuration stays).
+                        return Err(ConfigError(format!("auth.jwks_url: cannot use {url}: {}", e.message())));
                     }
                 }
             };
@@ -586,6 +596,11 @@ impl Authenticator {
             Keys::Static(k) if k.accepts(alg) => k.clone(),
             Keys::Static(_) => return Err(ALGORITHM),
             Keys::Set { set, remote } => {
+                if set.load().usable == 0 {
+                    // The refresh task is already retrying; a refetch per handshake would only
+                    // queue every handshake behind it.
+                    return Err(TokenError::NoKeys);
+                }
                 let kid = header.kid.as_deref();
                 let found = set.load().lookup(kid, alg);
                 let found = match (found, remote, kid) {
@@ -598,7 +613,6 @@ impl Authenticator {
                 };
                 match found {
                     Lookup::Found(k) => k,
-                    _ if set.load().usable == 0 => return Err(TokenError::Invalid("no_keys")),
                     Lookup::WrongAlg => return Err(ALGORITHM),
                     Lookup::UnknownKid => return Err(UNKNOWN_KID),
                     Lookup::MissingKid => return Err(TokenError::Invalid("missing_kid")),
@@ -645,12 +659,16 @@ impl Authenticator {
         }
     }
 
-    /// The keys currently fetched from `url`, when this authenticator fetches from it and has
-    /// some.
-    fn keys_fetched_from(&self, url: &str) -> Option<Arc<KeySet>> {
+    /// The keys to keep at a reload whose fetch from `new` failed, with when they were
+    /// fetched: only when this authenticator fetches from the same URL, through the same CA
+    /// file, for the same algorithms (its set was filtered by them), and has keys.
+    fn keys_to_keep(&self, new: &Remote) -> Option<(Arc<KeySet>, u64)> {
         match &self.keys {
-            Keys::Set { set, remote: Some(r) } if r.fetcher.url == url => {
-                Some(set.load_full()).filter(|s| s.usable > 0)
+            Keys::Set { set, remote: Some(r) }
+                if r.fetcher.url == new.fetcher.url && r.ca_file == new.ca_file && r.allowed == new.allowed =>
+            {
+                let set = set.load_full();
+                (set.usable > 0).then(|| (set, r.fetched_at.load(std::sync::atomic::Ordering::Relaxed)))
             }
             _ => None,
         }
@@ -997,7 +1015,15 @@ impl JwksFetcher {
         let body = Limited::new(resp.into_body(), JWKS_MAX_BODY)
             .collect()
             .await
-            .map_err(|e| Unavailable(format!("body (limit {JWKS_MAX_BODY} bytes): {e}")))?
+            .map_err(|e| {
+                let msg = format!("body (limit {JWKS_MAX_BODY} bytes): {e}");
+                // Too large is what the endpoint serves, not a dropped connection.
+                if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                    Refused(msg)
+                } else {
+                    Unavailable(msg)
+                }
+            })?
             .to_bytes();
         serde_json::from_slice::<JwkSet>(&body).map_err(|e| Refused(format!("not a JSON Web Key Set: {e}")))
     }
@@ -1721,25 +1747,39 @@ mod tests {
         let c = claims(json!({}));
         let srv = JwksServer::start(vec![ec().jwk(Some("k1"))]).await;
         let running = Authenticator::from_config(&srv.cfg(None)).await.unwrap();
-        for (status, body) in [(503, String::new()), (404, String::new()), (200, "not json".to_string())] {
-            srv.serve(status, body);
-            let a = Authenticator::reloaded(&srv.cfg(None), &running).await.expect("reload keeps the keys");
-            assert!(a.no_keys().is_none());
-            assert!(a.verify(&ec().sign(Some("k1"), &c)).await.is_ok(), "status {status}");
-            // A different URL has no keys to keep: its answer decides.
-            let mut other = srv.cfg(None);
-            other.jwks_url = Some(format!("{}?v=2", srv.url));
-            let r = Authenticator::reloaded(&other, &running).await;
-            if status == 503 {
-                assert!(r.unwrap().no_keys().is_some());
-            } else {
-                assert!(r.unwrap_err().0.contains("auth.jwks_url"));
-            }
+
+        // The same source, the endpoint down: the keys are kept.
+        srv.serve(503, String::new());
+        let a = Authenticator::reloaded(&srv.cfg(None), &running).await.expect("reload keeps the keys");
+        assert!(a.no_keys().is_none());
+        assert!(a.verify(&ec().sign(Some("k1"), &c)).await.is_ok());
+
+        // A different URL, or other algorithms (the kept set was filtered for the old ones),
+        // has no keys to keep: the reload is refused rather than trade working keys for none.
+        let mut other_url = srv.cfg(None);
+        other_url.jwks_url = Some(format!("{}?v=2", srv.url));
+        let mut other_algs = srv.cfg(None);
+        other_algs.algorithms = Some(vec!["ES256".into()]);
+        for cfg in [other_url, other_algs] {
+            let e = Authenticator::reloaded(&cfg, &running).await.unwrap_err();
+            assert!(e.0.contains("auth.jwks_url") && e.0.contains("503"), "{e}");
         }
+
+        // A broken answer is not an outage: refused too.
+        for (status, body) in [(404, String::new()), (200, "not json".to_string())] {
+            srv.serve(status, body);
+            assert!(Authenticator::reloaded(&srv.cfg(None), &running).await.is_err(), "status {status}");
+        }
+
         // When the endpoint answers, the reload takes what it serves now.
         srv.serve(200, json!({ "keys": [ed().jwk(Some("k2"))] }).to_string());
         let a = Authenticator::reloaded(&srv.cfg(None), &running).await.unwrap();
         assert!(a.verify(&ed().sign(Some("k2"), &c)).await.is_ok());
         assert_eq!(reason(a.verify(&ec().sign(Some("k1"), &c)).await), "unknown_kid");
+
+        // Started without keys, still down at the reload: still without keys, not refused.
+        srv.serve(503, String::new());
+        let keyless = Authenticator::from_config(&srv.cfg(None)).await.unwrap();
+        assert!(Authenticator::reloaded(&srv.cfg(None), &keyless).await.unwrap().no_keys().is_some());
     }
 }

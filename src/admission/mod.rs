@@ -18,6 +18,7 @@ pub mod token;
 use crate::relay::SessionPolicy;
 use crate::state::{Policy, Shared};
 use crate::upstream::BackendRequest;
+use auth::TokenError;
 use hyper::header::{HeaderName, HeaderValue, ORIGIN};
 use hyper::{HeaderMap, StatusCode};
 use limits::{GlobalPermit, IpKey, SessionPermit};
@@ -103,6 +104,13 @@ fn origins_allowed(allow: &origin::OriginPolicy, headers: &HeaderMap) -> bool {
     }
 }
 
+/// No keys to verify tokens with yet (`jwks_url` unavailable since the start): 503 with
+/// `Retry-After`, result `auth_unavailable`.
+fn auth_unavailable() -> Rejection {
+    Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable")
+        .with(hyper::header::RETRY_AFTER, HeaderValue::from_static("5"))
+}
+
 /// Runs the admission checks after the request was recognised as a well-formed upgrade.
 pub async fn admit(
     shared: &Shared,
@@ -128,10 +136,14 @@ pub async fn admit(
             return Err(Rejection::new(StatusCode::UNAUTHORIZED, "token_missing")
                 .with(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
         };
-        let verified = auth.verify(&found.token).await.map_err(|e| Rejection {
-            detail: Some(e.reason()),
-            ..Rejection::new(StatusCode::UNAUTHORIZED, "token_invalid")
-                .with(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""))
+        let verified = auth.verify(&found.token).await.map_err(|e| match e {
+            // The identity provider's outage, not the client's token: 503 and come back.
+            TokenError::NoKeys => Rejection { detail: Some(e.reason()), ..auth_unavailable() },
+            TokenError::Invalid(_) => Rejection {
+                detail: Some(e.reason()),
+                ..Rejection::new(StatusCode::UNAUTHORIZED, "token_invalid")
+                    .with(hyper::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""))
+            },
         })?;
         // The log's `sub` is the text the backend gets in a claim header (`sub: 123` too).
         sub = verified.claims.get("sub").and_then(claim_text);
