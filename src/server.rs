@@ -64,13 +64,21 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, drops: Arc<pend
             },
         };
         let (key, max) = {
-            let limits = &shared.policy.load().config.limits;
-            (admission::limits::IpKey::from_config(peer.ip(), limits), limits.max_pending_handshakes_per_ip)
+            let policy = shared.policy.load();
+            let limits = &policy.config.limits;
+            let ip = peer.ip().to_canonical();
+            // Grouped by prefix like every per-IP limit, except trusted balancers: each one
+            // is a peer of its own, whatever network it shares with the others.
+            let key = match policy.trusted.is_trusted(ip) {
+                true => admission::limits::IpKey::new(ip, 32, 128),
+                false => admission::limits::IpKey::from_config(ip, limits),
+            };
+            (key, limits.max_pending_handshakes_per_ip)
         };
         let Some(guard) = shared.pending.try_enter(key, max) else {
             // Dropped before any TLS work; summarised in the log, not one line each.
             shared.metrics.handshake("pending_dropped");
-            drops.record(peer.ip());
+            drops.record(key);
             drop(tcp);
             continue;
         };

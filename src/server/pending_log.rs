@@ -1,9 +1,12 @@
 //! Summaries of connections dropped at accept (over `max_pending_handshakes_per_ip`): at most
 //! one log line per IP per 10 s, so a flood cannot flood the log, and every drop is in some
 //! line's `dropped` count (a timer flushes the counts, and the drain flushes the rest).
+//!
+//! "Per IP" is per key of the cap ([`IpKey`]): a spray from the addresses of one IPv6 /64 is
+//! one line, not one per address.
 
+use crate::admission::limits::IpKey;
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,14 +17,14 @@ const MAX_TRACKED: usize = 10_000;
 /// Per-IP drop counts since the last summary line.
 #[derive(Default)]
 pub struct DropLog {
-    inner: Mutex<HashMap<IpAddr, (Instant, u64)>>,
+    inner: Mutex<HashMap<IpKey, (Instant, u64)>>,
 }
 
 impl DropLog {
     /// Counts a drop. The first drop from an IP without a line in the last interval is logged
     /// at once (with any drops counted since its last line); the following ones are counted
     /// and told by [`DropLog::flush`].
-    pub fn record(&self, ip: IpAddr) {
+    pub fn record(&self, ip: IpKey) {
         let Ok(mut map) = self.inner.lock() else { return };
         record_at(&mut map, ip, Instant::now(), &mut log);
     }
@@ -34,9 +37,9 @@ impl DropLog {
     }
 }
 
-type Counts = HashMap<IpAddr, (Instant, u64)>;
+type Counts = HashMap<IpKey, (Instant, u64)>;
 
-fn record_at(map: &mut Counts, ip: IpAddr, now: Instant, emit: &mut dyn FnMut(IpAddr, u64)) {
+fn record_at(map: &mut Counts, ip: IpKey, now: Instant, emit: &mut dyn FnMut(IpKey, u64)) {
     if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
         // Forget IPs whose interval is over, telling their counts first.
         map.retain(|ip, (t, n)| {
@@ -69,7 +72,7 @@ fn record_at(map: &mut Counts, ip: IpAddr, now: Instant, emit: &mut dyn FnMut(Ip
     }
 }
 
-fn flush_at(map: &mut Counts, now: Instant, all: bool, emit: &mut dyn FnMut(IpAddr, u64)) {
+fn flush_at(map: &mut Counts, now: Instant, all: bool, emit: &mut dyn FnMut(IpKey, u64)) {
     map.retain(|ip, (t, n)| {
         if now.duration_since(*t) < INTERVAL && !all {
             return true;
@@ -84,8 +87,16 @@ fn flush_at(map: &mut Counts, now: Instant, all: bool, emit: &mut dyn FnMut(IpAd
     });
 }
 
-fn log(ip: IpAddr, dropped: u64) {
-    tracing::warn!(event = "pending_dropped", client_ip = %ip, dropped, "connections dropped at accept: too many pending handshakes from this IP");
+fn log(key: IpKey, dropped: u64) {
+    // One address is written as an address (`192.0.2.7`), a group as its network.
+    let net = key.net();
+    let client_ip = if net.prefix_len() == net.max_prefix_len() { net.addr().to_string() } else { net.to_string() };
+    tracing::warn!(
+        event = "pending_dropped",
+        client_ip,
+        dropped,
+        "connections dropped at accept: too many pending handshakes from this IP"
+    );
 }
 
 /// The summary interval, for the caller's flush timer.
@@ -98,8 +109,8 @@ mod tests {
     #[test]
     fn every_drop_is_in_some_line_when_the_flood_outlasts_the_interval() {
         let mut map = Counts::new();
-        let mut lines: Vec<(IpAddr, u64)> = Vec::new();
-        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let mut lines: Vec<(IpKey, u64)> = Vec::new();
+        let ip = IpKey::new("192.0.2.7".parse().unwrap(), 32, 64);
         let t0 = Instant::now();
         // 100 drops a second for 25 s; the flush timer ticks every 10 s, out of step.
         let mut drops = 0;
