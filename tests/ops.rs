@@ -1057,6 +1057,19 @@ fn check_refuses_broken_configs_naming_the_key() {
 }
 
 #[test]
+fn a_text_format_file_that_does_not_parse_gets_a_text_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wsgate.toml");
+    std::fs::write(&path, "[log]\nformat = \"text\"  # for people\n\n[server\n").unwrap();
+    let (code, _, stderr) = check(&path, SECRET);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.starts_with("wsgate check: ") && stderr.contains("line 4"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate")).args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("wsgate: "), "{out:?}");
+}
+
+#[test]
 fn missing_config_file_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nope.toml");

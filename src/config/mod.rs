@@ -454,8 +454,23 @@ impl Config {
     /// be read or says nothing usable).
     pub fn format_hint(path: &Path) -> LogFormat {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        let table: toml::Table = toml::from_str(&text).unwrap_or_default();
-        match table.get("log").and_then(|l| l.get("format")).and_then(|f| f.as_str()) {
+        let format = match toml::from_str::<toml::Table>(&text) {
+            Ok(table) => table.get("log").and_then(|l| l.get("format")).and_then(|f| f.as_str()).map(str::to_string),
+            // Not TOML at all: look for `format = ...` under `[log]` line by line.
+            Err(_) => {
+                let mut in_log = false;
+                text.lines().map(str::trim).find_map(|l| {
+                    if let Some(header) = l.strip_prefix('[') {
+                        in_log = header.split(']').next().is_some_and(|h| h.trim() == "log");
+                        return None;
+                    }
+                    let (k, v) = l.split_once('=').filter(|_| in_log)?;
+                    let v = v.split('#').next().unwrap_or("").trim().trim_matches(['"', '\'']);
+                    (k.trim() == "format").then(|| v.to_string())
+                })
+            }
+        };
+        match format.as_deref() {
             Some("text") => LogFormat::Text,
             _ => LogFormat::Json,
         }
@@ -479,10 +494,12 @@ impl Config {
         let admin = self.admin.listen;
         // Two listeners on one port clash when their addresses are equal or either is the
         // wildcard; `check` says so rather than `run` failing to bind.
+        // An unspecified address covers its own family, and `[::]` (dual-stack) IPv4 too.
+        let covers = |w: SocketAddr, o: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || o.is_ipv4());
         let clash = |a: &SocketAddr| {
             a.port() != 0
                 && a.port() == admin.port()
-                && (a.ip() == admin.ip() || a.ip().is_unspecified() || admin.ip().is_unspecified())
+                && (a.ip() == admin.ip() || covers(*a, admin) || covers(admin, *a))
         };
         if let Some(a) = s.listen.addrs().iter().find(|a| clash(a)) {
             bail!("admin.listen: {admin} takes the port of server.listen {a}");
@@ -743,11 +760,15 @@ secret_env = "X"
             (format!("{BASE}[log]\nlevel = \"info,hyper\"\n"), "log.level"),
             (format!("{BASE}[auth.forward_claims]\nsub = \"X_Forwarded_For\"\n"), "set by the proxy"),
             (format!("{BASE}[admin]\nlisten = \"0.0.0.0:8443\"\n"), "admin.listen"),
+            (format!("{BASE}[admin]\nlisten = \"[::]:8443\"\n"), "admin.listen"),
         ];
         for (text, want) in cases {
             let e = Config::parse(&text).unwrap_err();
             assert!(e.0.contains(want), "want {want:?} in {e}");
         }
+        // Other families on one port do not clash (only `[::]` is dual-stack).
+        let v6 = BASE.replace("127.0.0.1:8443", "0.0.0.0:8443");
+        assert!(Config::parse(&format!("{v6}[admin]\nlisten = \"[::1]:8443\"\n")).is_ok());
         for level in ["WARN", "off", "info,wsgate=debug", "debug,hyper=info", "info,"] {
             let text = format!("{BASE}[log]\nlevel = \"{level}\"\n");
             assert!(Config::parse(&text).is_ok(), "{level}");
