@@ -198,11 +198,12 @@ impl<S: RelayIo> Side<S> {
         }
     }
 
-    /// Drops the written front of the queue before more is appended. Without this, a peer
+    /// Drops the written front of the queue before more is appended, once it is at least
+    /// half the buffer (so each byte is moved at most once on average). Without this, a peer
     /// that reads slowly but never quite catches up keeps the queue from ever emptying, and
     /// the buffer grows by everything relayed to it while only its tail is pending.
     fn compact(&mut self) {
-        if self.wpos > 0 {
+        if self.wpos > 0 && self.wpos >= self.wbuf.len() / 2 {
             self.wbuf.drain(..self.wpos);
             self.wpos = 0;
         }
