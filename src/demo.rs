@@ -147,7 +147,15 @@ pub fn prepare(dir: &Path, listen: SocketAddr, backend: SocketAddr) -> Result<(C
     let cert_pem = cert.cert.pem();
     let write = |name: &str, data: &[u8]| {
         let p = dir.join(name);
-        std::fs::write(&p, data).map_err(|e| format!("write {}: {e}", p.display())).map(|_| p)
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options
+            .open(&p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, data))
+            .map_err(|e| format!("write {}: {e}", p.display()))
+            .map(|_| p)
     };
     let cert_path = write("cert.pem", cert_pem.as_bytes())?;
     let key_path = write("key.pem", cert.signing_key.serialize_pem().as_bytes())?;

@@ -43,6 +43,15 @@ static TUNE_ALLOCATOR: extern "C" fn() = {
     tune_allocator
 };
 
+/// `println!` that does not panic when stdout is closed (`wsgate token | head -c0`, a dead
+/// log pipe): what was lost is lost, and the exit code still says how the command went.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "wsgate", version, about = "TLS-terminating WebSocket security proxy for legacy chat backends")]
 struct Cli {
@@ -98,7 +107,7 @@ fn main() -> ExitCode {
             };
             match wsgate::token_cmd::mint(secret.as_encoded_bytes(), &sub, ttl, aud.as_deref(), iss.as_deref()) {
                 Ok(t) => {
-                    println!("{t}");
+                    say!("{t}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -223,21 +232,21 @@ fn check(path: PathBuf) -> ExitCode {
         if let Some(w) = warning {
             line["warning"] = w.into();
         }
-        println!("{line}");
+        say!("{line}");
         return ExitCode::SUCCESS;
     }
-    println!("configuration {} is valid", path.display());
-    println!("  listen:      {}", listen.join(", "));
-    println!("  backend:     {} (connect_timeout {})", c.backend.url, c.backend.connect_timeout);
+    say!("configuration {} is valid", path.display());
+    say!("  listen:      {}", listen.join(", "));
+    say!("  backend:     {} (connect_timeout {})", c.backend.url, c.backend.connect_timeout);
     for cert in &p.certs {
-        println!("  certificate: {} (expires at unix {})", cert.server_name, cert.not_after);
+        say!("  certificate: {} (expires at unix {})", cert.server_name, cert.not_after);
     }
-    println!("  origin:      {origin}");
-    println!("  auth:        {auth}");
-    println!("  limits:      {limits}");
-    println!("  admin:       {}", c.admin.listen);
+    say!("  origin:      {origin}");
+    say!("  auth:        {auth}");
+    say!("  limits:      {limits}");
+    say!("  admin:       {}", c.admin.listen);
     if let Some(w) = warning {
-        println!("  warning:     {w}");
+        say!("  warning:     {w}");
     }
     ExitCode::SUCCESS
 }
@@ -266,17 +275,17 @@ fn demo(mut listen: SocketAddr) -> ExitCode {
         };
         wsgate::logging::init(LogFormat::Text, &config.log.level);
         let result = lifecycle::run(config, None, |bound| {
-            println!();
-            println!("wsgate demo is running (Ctrl-C to stop)");
-            println!("  page:      {}", info.page_url);
-            println!("  websocket: {}", info.ws_url);
-            println!("  origin:    {}", info.origin);
-            println!("  admin:     http://{}/metrics", bound.admin);
-            println!("  token:     {}", info.token);
+            say!();
+            say!("wsgate demo is running (Ctrl-C to stop)");
+            say!("  page:      {}", info.page_url);
+            say!("  websocket: {}", info.ws_url);
+            say!("  origin:    {}", info.origin);
+            say!("  admin:     http://{}/metrics", bound.admin);
+            say!("  token:     {}", info.token);
             // The token rides in the fragment, which the browser never sends to the server.
-            println!("  open:      {}#token={}", info.page_url, info.token);
-            println!("  cert:      {} (self-signed; accept it in the browser)", dir.join("cert.pem").display());
-            println!();
+            say!("  open:      {}#token={}", info.page_url, info.token);
+            say!("  cert:      {} (self-signed; accept it in the browser)", dir.join("cert.pem").display());
+            say!();
         })
         .await;
         let _ = std::fs::remove_dir_all(&dir);
@@ -293,6 +302,10 @@ fn tempdir() -> Result<PathBuf, String> {
     wsgate::tls::fill_random(&mut r).map_err(|e| format!("random: {e:?}"))?;
     let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
     let dir = std::env::temp_dir().join(format!("wsgate-demo-{name}"));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    // Only this user may read the demo's key and JWT secret (0700; the files are 0600 too).
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.recursive(true).create(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     Ok(dir)
 }

@@ -225,6 +225,7 @@ impl Shared {
         let Some(path) = &self.config_path else {
             // `wsgate demo` writes its config to a temporary directory and does not read it back.
             tracing::warn!(event = "reload", result = "refused", error = "no config file to reload (demo)");
+            self.metrics.reload("refused");
             return Err("no config file to reload".into());
         };
         let result = async {

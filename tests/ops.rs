@@ -1069,6 +1069,30 @@ fn a_text_format_file_that_does_not_parse_gets_a_text_error() {
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("wsgate: "), "{out:?}");
 }
 
+/// `wsgate token | head -c0`: a closed stdout is not a panic (exit 101); the command's own
+/// exit code stands.
+#[test]
+fn a_closed_stdout_does_not_panic_token_or_check() {
+    let pki = Pki::new();
+    let (_dir, path) = example_config(&pki, |t| t);
+    let commands: [&[&str]; 2] = [
+        &["token", "--secret-env", "WSGATE_JWT_SECRET", "--sub", "alice"],
+        &["check", "--config", path.to_str().unwrap()],
+    ];
+    for args in commands {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(args)
+            .env("WSGATE_JWT_SECRET", SECRET)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // closed before the command writes
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 #[test]
 fn missing_config_file_exits_2() {
     let dir = tempfile::tempdir().unwrap();

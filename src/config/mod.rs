@@ -356,6 +356,28 @@ impl Default for AdminConfig {
     }
 }
 
+/// A parse error quotes the offending line and draws a caret row under it: a 10 MB line made
+/// a 20 MB message. Each line is cut to [`MAX_MESSAGE_LINE`] characters.
+fn clip_lines(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len().min(4096));
+    for (i, line) in msg.lines().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        match line.char_indices().nth(MAX_MESSAGE_LINE) {
+            Some((cut, _)) => {
+                out.push_str(&line[..cut]);
+                out.push('…');
+            }
+            None => out.push_str(line),
+        }
+    }
+    out
+}
+
+/// Longest line of a configuration error message, in characters.
+const MAX_MESSAGE_LINE: usize = 200;
+
 /// `log.format`
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -478,7 +500,7 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim_end().to_string()))?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError(clip_lines(e.to_string().trim_end())))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -773,6 +795,12 @@ secret_env = "X"
             let text = format!("{BASE}[log]\nlevel = \"{level}\"\n");
             assert!(Config::parse(&text).is_ok(), "{level}");
         }
+    }
+
+    #[test]
+    fn a_huge_line_is_quoted_in_part() {
+        let e = Config::parse(&format!("{BASE}issuer = \"{}\"x\n", "z".repeat(100_000))).unwrap_err();
+        assert!(e.0.len() < 2_000 && e.0.contains("line"), "{} bytes", e.0.len());
     }
 
     #[test]
