@@ -58,8 +58,10 @@ pub const JWKS_MAX_BODY: usize = 1 << 20;
 /// shorter) rather than a whole refresh interval later.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
 /// First retry of a `jwks_url` that could not be fetched at build; doubled on each failure up
-/// to [`RETRY_AFTER_FAILURE`].
+/// to [`NO_KEYS_RETRY_MAX`].
 const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// Longest wait between fetches while there are no keys (every handshake refused meanwhile).
+const NO_KEYS_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Verified token facts the proxy needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -340,7 +342,7 @@ impl Remote {
     /// Fetches the set and swaps it in. A failure (or a set without a usable key) keeps the
     /// old keys and logs a warning. Returns whether new keys were stored.
     async fn refresh_into(&self, set: &ArcSwap<KeySet>, why: &str) -> bool {
-        let url = &self.fetcher.url;
+        let url = &self.fetcher.shown;
         match self.fetch_set().await {
             Ok(new) => {
                 if set.load().usable == 0 {
@@ -530,6 +532,7 @@ impl Authenticator {
                 kid_refetch: tokio::sync::Mutex::new(None),
                 fetched_at: std::sync::atomic::AtomicU64::new(0),
             };
+            let url = remote.fetcher.shown.clone();
             let set = match remote.fetch_set().await {
                 Ok(set) => {
                     remote.fetched_now();
@@ -653,7 +656,7 @@ impl Authenticator {
     pub fn jwks_fetched_at(&self) -> Option<(&str, u64)> {
         match &self.keys {
             Keys::Set { remote: Some(r), .. } => {
-                Some((r.fetcher.url.as_str(), r.fetched_at.load(std::sync::atomic::Ordering::Relaxed)))
+                Some((r.fetcher.shown.as_str(), r.fetched_at.load(std::sync::atomic::Ordering::Relaxed)))
             }
             _ => None,
         }
@@ -682,8 +685,8 @@ impl Authenticator {
 
     /// Starts the background JWKS refresh task (only for `jwks_url`; `None` otherwise). Called
     /// once by the server, inside a Tokio runtime. The task refetches every `jwks_refresh`
-    /// (after a failure, again within 30 s) and keeps the old keys when a fetch fails; with no
-    /// keys at all it retries after 1 s, doubling up to 30 s. It
+    /// and keeps the old keys when a fetch fails, retrying after twice the interval, doubling
+    /// up to 30 s; with no keys at all it retries after 1 s, doubling up to 10 s. It
     /// holds only a weak reference: it ends when aborted through the returned handle or when
     /// the last `Arc<Authenticator>` is dropped (e.g. replaced by a reload). Dropping the
     /// handle alone detaches the task, as with any Tokio task.
@@ -705,9 +708,10 @@ impl Authenticator {
                     every
                 } else if set.load().usable == 0 {
                     // No keys at all: every handshake fails until a fetch succeeds.
-                    (delay * 2).min(every.min(RETRY_AFTER_FAILURE))
+                    (delay * 2).min(NO_KEYS_RETRY_MAX)
                 } else {
-                    every.min(RETRY_AFTER_FAILURE)
+                    // Keys in hand: back off from twice the interval, at most to 30 s.
+                    (delay * 2).min(RETRY_AFTER_FAILURE)
                 };
             }
         }))
@@ -918,6 +922,9 @@ impl FetchError {
 /// Fetches a JWKS over HTTPS: one HTTP/1.1 GET per fetch on a fresh connection.
 struct JwksFetcher {
     url: String,
+    /// The URL as logs and metrics show it: a query may carry a credential (`?api_key=`),
+    /// so it is replaced by `?…`.
+    shown: String,
     connect_host: String,
     port: u16,
     host_header: String,
@@ -955,8 +962,13 @@ impl JwksFetcher {
             Some(p) if !p.is_empty() => p.to_string(),
             _ => "/".to_string(),
         };
+        let shown = match url.split_once('?') {
+            Some((base, _)) => format!("{base}?…"),
+            None => url.to_string(),
+        };
         Ok(JwksFetcher {
             url: url.to_string(),
+            shown,
             port: authority.port_u16().unwrap_or(443),
             host_header: authority.as_str().to_string(),
             connect_host: host,
@@ -978,13 +990,10 @@ impl JwksFetcher {
             .await
             .map_err(|e| Unavailable(format!("connect: {e}")))?;
         let tls = self.tls.connect(self.server_name.clone(), tcp).await.map_err(|e| {
-            // A certificate the configured roots do not accept is a configuration problem
-            // (wrong `jwks_ca_file` or URL); anything else on the way is the endpoint's.
-            let bad_cert = e
-                .get_ref()
-                .and_then(|i| i.downcast_ref::<rustls::Error>())
-                .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
-            if bad_cert {
+            // A TLS failure (a certificate the configured roots refuse, a plain-HTTP port, an
+            // alert) is a configuration problem: wrong `jwks_ca_file` or URL. A reset or an
+            // EOF on the way is the endpoint's.
+            if e.get_ref().is_some_and(|i| i.is::<rustls::Error>()) {
                 Refused(format!("TLS: {e}"))
             } else {
                 Unavailable(format!("TLS: {e}"))
@@ -1680,6 +1689,13 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             assert!(a.verify(&ed().sign(Some("k2"), &c)).await.is_ok());
+            // Answer again, so the next case starts from the interval, not a backed-off delay.
+            srv.serve(200, json!({ "keys": [ed().jwk(Some("k2"))] }).to_string());
+            let before = srv.hits();
+            while srv.hits() < before + 2 {
+                assert!(Instant::now() < deadline + Duration::from_secs(5), "no refresh after the failures");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
 
         // The task holds a weak reference: dropping the authenticator ends it.
@@ -1720,10 +1736,13 @@ mod tests {
         drop(l);
         let srv = JwksServer::start(vec![ec().jwk(Some("k1"))]).await;
         let mut cfg = srv.cfg(None);
-        cfg.jwks_url = Some(format!("https://127.0.0.1:{port}/jwks.json"));
+        cfg.jwks_url = Some(format!("https://127.0.0.1:{port}/jwks.json?api_key=SECRET"));
         let a = Authenticator::from_config(&cfg).await.expect("an unreachable endpoint is not a config error");
         let why = a.no_keys().expect("no keys");
         assert!(why.contains("auth.jwks_url") && why.contains("connect"), "{why}");
+        // A query may hold a credential: not shown in messages, logs or metrics.
+        assert!(why.contains("/jwks.json?…") && !why.contains("SECRET"), "{why}");
+        assert!(a.jwks_fetched_at().is_some_and(|(url, _)| !url.contains("SECRET")));
         assert_eq!(reason(a.verify(&ec().sign(Some("k1"), &c)).await), "no_keys");
         assert_eq!(reason(a.verify(&ec().sign(None, &c)).await), "no_keys");
 

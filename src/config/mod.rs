@@ -668,7 +668,10 @@ impl Config {
             bail!("auth.jwks_refresh: only meaningful with auth.jwks_url");
         }
         if let Some(r) = a.jwks_refresh {
-            nonzero_dur("auth.jwks_refresh", r)?;
+            // Each refresh is a TLS connection to the identity provider.
+            if r.get() < Duration::from_secs(1) {
+                bail!("auth.jwks_refresh: must be at least 1s, got {r}");
+            }
         }
         let sources = a.sources();
         if sources.is_empty() {
@@ -782,6 +785,13 @@ secret_env = "X"
             (format!("{BASE}[log]\nlevel = \"info,hyper\"\n"), "log.level"),
             (format!("{BASE}[auth.forward_claims]\nsub = \"X_Forwarded_For\"\n"), "set by the proxy"),
             (format!("{BASE}[admin]\nlisten = \"0.0.0.0:8443\"\n"), "admin.listen"),
+            (
+                BASE.replace(
+                    "secret_env = \"X\"",
+                    "algorithms = [\"ES256\"]\njwks_url = \"https://idp/j\"\njwks_refresh = \"100ms\"",
+                ),
+                "at least 1s",
+            ),
             (format!("{BASE}[admin]\nlisten = \"[::]:8443\"\n"), "admin.listen"),
         ];
         for (text, want) in cases {
