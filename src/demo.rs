@@ -194,8 +194,10 @@ level = "info"
         secret = secret_path.display(),
     );
     let config = Config::parse(&toml).map_err(|e| e.to_string())?;
-    let token = crate::token_cmd::mint(secret_hex.as_bytes(), "demo", std::time::Duration::from_secs(3600), None, None)
-        .map_err(|e| format!("token: {e}"))?;
+    // A day: the demo runs until Ctrl-C, and its sessions end when the token expires.
+    let day = std::time::Duration::from_secs(24 * 3600);
+    let token =
+        crate::token_cmd::mint(secret_hex.as_bytes(), "demo", day, None, None).map_err(|e| format!("token: {e}"))?;
     let info = DemoInfo {
         page_url: format!("https://localhost:{port}/"),
         ws_url: format!("wss://localhost:{port}/ws"),

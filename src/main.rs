@@ -52,6 +52,14 @@ macro_rules! say {
     }};
 }
 
+/// `eprintln!` that does not panic when stderr is closed, like [`say!`].
+macro_rules! complain {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "wsgate", version, about = "TLS-terminating WebSocket security proxy for legacy chat backends")]
 struct Cli {
@@ -101,8 +109,13 @@ fn main() -> ExitCode {
         Command::Check => check(cli.config),
         Command::Demo { listen } => demo(listen),
         Command::Token { secret_env, sub, ttl, aud, iss } => {
+            // The same bounds as a duration in the config; under a second, `exp` would be `iat`.
+            if ttl < Duration::from_secs(1) || ttl > wsgate::config::MAX_DURATION {
+                complain!("wsgate token: --ttl must be between 1s and 10 years");
+                return ExitCode::from(2);
+            }
             let Some(secret) = std::env::var_os(&secret_env) else {
-                eprintln!("wsgate token: environment variable {secret_env} is not set");
+                complain!("wsgate token: environment variable {secret_env} is not set");
                 return ExitCode::from(2);
             };
             match wsgate::token_cmd::mint(secret.as_encoded_bytes(), &sub, ttl, aud.as_deref(), iss.as_deref()) {
@@ -111,7 +124,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("wsgate token: {secret_env}: {e}");
+                    complain!("wsgate token: {secret_env}: {e}");
                     ExitCode::from(2)
                 }
             }
@@ -133,7 +146,7 @@ fn runtime() -> tokio::runtime::Runtime {
     match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("wsgate: cannot start the runtime: {e}");
+            complain!("wsgate: cannot start the runtime: {e}");
             std::process::exit(1);
         }
     }
@@ -142,8 +155,8 @@ fn runtime() -> tokio::runtime::Runtime {
 /// Reports a fatal error in the configured log format (JSON lines stay JSON), then exits.
 fn fail(format: LogFormat, code: u8, msg: &str) -> ExitCode {
     match format {
-        LogFormat::Json => eprintln!("{}", serde_json::json!({"level": "ERROR", "event": "fatal", "message": msg})),
-        LogFormat::Text => eprintln!("wsgate: {msg}"),
+        LogFormat::Json => complain!("{}", serde_json::json!({"level": "ERROR", "event": "fatal", "message": msg})),
+        LogFormat::Text => complain!("wsgate: {msg}"),
     }
     ExitCode::from(code)
 }
@@ -169,11 +182,11 @@ fn check(path: PathBuf) -> ExitCode {
     let format = Config::format_hint(&path);
     let refused = |e: &dyn std::fmt::Display| {
         match format {
-            LogFormat::Json => eprintln!(
+            LogFormat::Json => complain!(
                 "{}",
                 serde_json::json!({"level": "ERROR", "event": "check", "result": "invalid", "message": e.to_string()})
             ),
-            LogFormat::Text => eprintln!("wsgate check: {e}"),
+            LogFormat::Text => complain!("wsgate check: {e}"),
         }
         ExitCode::from(2)
     };

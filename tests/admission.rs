@@ -1433,6 +1433,13 @@ fn token_command_prints_only_the_token_and_refuses_weak_secrets() {
     assert_eq!(c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap(), 3600);
     assert!(c.get("aud").is_none() && c.get("iss").is_none());
 
+    // A lifetime that makes no token (exp == iat) or one the proxy's durations cannot hold.
+    for ttl in ["0s", "500ms", "11y"] {
+        let out = run(Some(SECRET), &["--ttl", ttl]);
+        assert_eq!(out.status.code(), Some(2), "{ttl}: {out:?}");
+        assert!(out.stdout.is_empty() && String::from_utf8_lossy(&out.stderr).contains("--ttl"), "{ttl}: {out:?}");
+    }
+
     for env in [None, Some("too-short-secret"), Some("")] {
         let out = run(env, &[]);
         assert_eq!(out.status.code(), Some(2), "{env:?}: {out:?}");

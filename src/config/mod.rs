@@ -4,7 +4,7 @@
 
 mod units;
 
-pub use units::{parse_size, Dur, Size};
+pub use units::{parse_size, Dur, Size, MAX_DURATION};
 
 use ipnet::IpNet;
 use serde::Deserialize;
