@@ -221,7 +221,7 @@ fn check(path: PathBuf) -> ExitCode {
     );
     // Not a configuration error: `run` starts fail-closed and keeps fetching.
     let warning = p.not_ready().map(|why| {
-        format!("{why}; `wsgate run` would start without keys: every token refused (401), /readyz 503, retrying")
+        format!("{why}; `wsgate run` would start without keys: every upgrade answered 503 (Retry-After), /readyz 503, retrying")
     });
     if format == LogFormat::Json {
         let certs: Vec<_> = p
@@ -278,13 +278,18 @@ fn demo(mut listen: SocketAddr) -> ExitCode {
             Ok(d) => d,
             Err(e) => return fail(LogFormat::Text, 1, &e),
         };
+        // The directory holds a key and a JWT secret: removed on every way out.
+        let gone = |e: String| {
+            let _ = std::fs::remove_dir_all(&dir);
+            fail(LogFormat::Text, 1, &e)
+        };
         let backend = match wsgate::demo::start_chat_backend().await {
             Ok(a) => a,
-            Err(e) => return fail(LogFormat::Text, 1, &format!("demo backend: {e}")),
+            Err(e) => return gone(format!("demo backend: {e}")),
         };
         let (config, info) = match wsgate::demo::prepare(&dir, listen, backend) {
             Ok(x) => x,
-            Err(e) => return fail(LogFormat::Text, 1, &e),
+            Err(e) => return gone(e),
         };
         wsgate::logging::init(LogFormat::Text, &config.log.level);
         let result = lifecycle::run(config, None, |bound| {
@@ -319,6 +324,7 @@ fn tempdir() -> Result<PathBuf, String> {
     let mut builder = std::fs::DirBuilder::new();
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.recursive(true).create(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    // Not recursive: an existing path (someone else's) is an error, not reused with its mode.
+    builder.create(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     Ok(dir)
 }

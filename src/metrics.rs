@@ -94,6 +94,8 @@ pub struct Metrics {
     pub per_ip_keys: Gauge,
     /// `wsgate_jwks_last_success_timestamp_seconds{url}`, only with `jwks_url`
     pub jwks_fetched: Family<UrlLabel, Gauge>,
+    /// The URL of its one series.
+    jwks_url: std::sync::Mutex<Option<String>>,
 }
 
 /// `url` label of the JWKS gauge.
@@ -196,13 +198,20 @@ impl Metrics {
             backend_errors,
             per_ip_keys,
             jwks_fetched,
+            jwks_url: std::sync::Mutex::new(None),
         }
     }
 
     /// Sets the JWKS gauge from the running authenticator (at scrape time): one series for
     /// the current `jwks_url`, none without one.
     pub fn set_jwks(&self, fetched: Option<(&str, u64)>) {
-        self.jwks_fetched.clear();
+        // Cleared only when the URL changed (a reload): a clear on every scrape would race
+        // with a concurrent scrape, which could then miss the series.
+        let mut last = self.jwks_url.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_deref() != fetched.map(|f| f.0) {
+            self.jwks_fetched.clear();
+            *last = fetched.map(|f| f.0.to_string());
+        }
         if let Some((url, at)) = fetched {
             self.jwks_fetched.get_or_create(&UrlLabel { url: url.to_string() }).set(at as i64);
         }

@@ -320,8 +320,24 @@ impl Upstream {
                 Some(p.to_string())
             }
         };
+        // Headers the backend's `Connection` names are hop-by-hop too (RFC 9110 §7.6.1).
+        let hop = |name: &str| {
+            resp.headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+                .flat_map(|h| h.value.split(|b| *b == b','))
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+        };
+        let starts =
+            |name: &str, prefix: &str| name.get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix));
+        let passes = |name: &str| {
+            !NOT_PASSED_BACK.iter().any(|n| name.eq_ignore_ascii_case(n))
+                && !starts(name, "sec-websocket-")
+                && !starts(name, "websocket-")
+                && !hop(name)
+        };
         let mut passed = Vec::new();
-        for h in resp.headers.iter().filter(|h| !NOT_PASSED_BACK.iter().any(|n| h.name.eq_ignore_ascii_case(n))) {
+        for h in resp.headers.iter().filter(|h| passes(h.name)) {
             passed.extend_from_slice(h.name.as_bytes());
             passed.extend_from_slice(b": ");
             passed.extend_from_slice(h.value);
@@ -332,21 +348,20 @@ impl Upstream {
     }
 }
 
-/// Headers of the backend's 101 that the client's 101 does not repeat: the handshake's own
-/// (the proxy answers those for its side of the connection), hop-by-hop ones, framing, and
-/// `Server`/`Date` (as nginx hides them). The rest (`Set-Cookie`, the backend's own `X-`
-/// headers) reach the client, as behind nginx.
-const NOT_PASSED_BACK: [&str; 14] = [
+/// Headers of the backend's 101 that the client's 101 does not repeat, besides every
+/// `Sec-WebSocket-*` and `WebSocket-*` one (the handshake's own, answered by the proxy for its
+/// side; a legacy `Sec-WebSocket-Location` would also name the backend's address) and those
+/// the backend's `Connection` names: hop-by-hop ones, framing, and `Server`/`Date` (as nginx
+/// hides them). The rest (`Set-Cookie`, the backend's own `X-` headers) reach the client, as
+/// behind nginx.
+const NOT_PASSED_BACK: [&str; 11] = [
     "upgrade",
     "connection",
-    "sec-websocket-accept",
-    "sec-websocket-protocol",
-    "sec-websocket-extensions",
-    "sec-websocket-version",
     "content-length",
     "transfer-encoding",
     "keep-alive",
     "proxy-connection",
+    "proxy-authenticate",
     "te",
     "trailer",
     "server",

@@ -207,7 +207,9 @@ async fn many_short_headers_under_16_kib_pass() {
 #[tokio::test]
 async fn backend_101_headers_reach_the_client_except_the_handshake_s_own() {
     let extra = "Set-Cookie: chat_session=abc; Secure; HttpOnly\r\nX-Chat-Node: 7\r\nServer: legacy/1.0\r\n\
-                 Date: Thu, 01 Jan 2026 00:00:00 GMT\r\nKeep-Alive: timeout=5\r\n";
+                 Date: Thu, 01 Jan 2026 00:00:00 GMT\r\nKeep-Alive: timeout=5\r\n\
+                 Sec-WebSocket-Location: ws://10.0.0.5:8080/chat\r\nWebSocket-Origin: x\r\nX-Hop: 1\r\n\
+                 Connection: X-Hop\r\n";
     let (addr, _head_rx) = raw_backend_once(move |head| answer_101(head, extra)).await;
     let pki = Pki::new();
     let proxy = Proxy::start(&pki, &config(addr, ""));
@@ -215,7 +217,7 @@ async fn backend_101_headers_reach_the_client_except_the_handshake_s_own() {
     assert_eq!(status_of(&resp), 101, "{resp}");
     assert_eq!(header_of(&resp, "set-cookie").as_deref(), Some("chat_session=abc; Secure; HttpOnly"), "{resp}");
     assert_eq!(header_of(&resp, "x-chat-node").as_deref(), Some("7"), "{resp}");
-    for h in ["server", "date", "keep-alive"] {
+    for h in ["server", "date", "keep-alive", "sec-websocket-location", "websocket-origin", "x-hop"] {
         assert_eq!(header_of(&resp, h), None, "{h}: {resp}");
     }
     assert_eq!(resp.matches("Sec-WebSocket-Accept").count(), 1, "{resp}");

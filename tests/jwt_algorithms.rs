@@ -407,7 +407,8 @@ async fn jwks_url_down_at_start_then_up_then_down_during_a_reload() {
     let out = out.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("warning") && stdout.contains("503"), "{stdout}");
+    assert!(stdout.contains("warning") && stdout.contains("every upgrade answered 503"), "{stdout}");
+    assert!(!stdout.contains("(401)"), "{stdout}");
 
     let proxy = Proxy::start(&pki, &cfg);
     let fetched_at = |m: String| {

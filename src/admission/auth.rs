@@ -668,7 +668,10 @@ impl Authenticator {
     fn keys_to_keep(&self, new: &Remote) -> Option<(Arc<KeySet>, u64)> {
         match &self.keys {
             Keys::Set { set, remote: Some(r) }
-                if r.fetcher.url == new.fetcher.url && r.ca_file == new.ca_file && r.allowed == new.allowed =>
+                if r.fetcher.url == new.fetcher.url
+                    && r.ca_file == new.ca_file
+                    && r.allowed.len() == new.allowed.len()
+                    && r.allowed.iter().all(|a| new.allowed.contains(a)) =>
             {
                 let set = set.load_full();
                 (set.usable > 0).then(|| (set, r.fetched_at.load(std::sync::atomic::Ordering::Relaxed)))
@@ -922,8 +925,7 @@ impl FetchError {
 /// Fetches a JWKS over HTTPS: one HTTP/1.1 GET per fetch on a fresh connection.
 struct JwksFetcher {
     url: String,
-    /// The URL as logs and metrics show it: a query may carry a credential (`?api_key=`),
-    /// so it is replaced by `?…`.
+    /// The URL as logs and metrics show it ([`shown_url`]).
     shown: String,
     connect_host: String,
     port: u16,
@@ -942,29 +944,35 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// `url` as messages, logs and metrics show it: a query may carry a credential
+/// (`?api_key=`), so it is replaced by `?…`.
+pub fn shown_url(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => url.to_string(),
+    }
+}
+
 impl JwksFetcher {
     fn new(url: &str, ca_file: Option<&Path>) -> Result<JwksFetcher, ConfigError> {
         let err = |m: String| ConfigError(format!("auth.jwks_url: {m}"));
-        let uri: hyper::Uri = url.parse().map_err(|e| err(format!("invalid URL {url:?}: {e}")))?;
+        let shown = shown_url(url);
+        let uri: hyper::Uri = url.parse().map_err(|e| err(format!("invalid URL {shown:?}: {e}")))?;
         if uri.scheme_str() != Some("https") {
-            return Err(err(format!("must be an https:// URL, got {url:?}")));
+            return Err(err(format!("must be an https:// URL, got {shown:?}")));
         }
-        let authority = uri.authority().ok_or_else(|| err(format!("no host in {url:?}")))?;
+        let authority = uri.authority().ok_or_else(|| err(format!("no host in {shown:?}")))?;
         if authority.as_str().contains('@') {
             return Err(err("credentials in the URL are not supported".into()));
         }
         let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_string();
         if host.is_empty() {
-            return Err(err(format!("no host in {url:?}")));
+            return Err(err(format!("no host in {shown:?}")));
         }
         let server_name = ServerName::try_from(host.clone()).map_err(|_| err(format!("invalid host name {host:?}")))?;
         let path = match uri.path_and_query().map(|p| p.as_str()) {
             Some(p) if !p.is_empty() => p.to_string(),
             _ => "/".to_string(),
-        };
-        let shown = match url.split_once('?') {
-            Some((base, _)) => format!("{base}?…"),
-            None => url.to_string(),
         };
         Ok(JwksFetcher {
             url: url.to_string(),
@@ -990,10 +998,19 @@ impl JwksFetcher {
             .await
             .map_err(|e| Unavailable(format!("connect: {e}")))?;
         let tls = self.tls.connect(self.server_name.clone(), tcp).await.map_err(|e| {
-            // A TLS failure (a certificate the configured roots refuse, a plain-HTTP port, an
-            // alert) is a configuration problem: wrong `jwks_ca_file` or URL. A reset or an
-            // EOF on the way is the endpoint's.
-            if e.get_ref().is_some_and(|i| i.is::<rustls::Error>()) {
+            // A certificate the configured roots refuse, or no TLS at all (a plain-HTTP
+            // port), is a configuration problem: wrong `jwks_ca_file` or URL. An alert (an
+            // overloaded balancer in front of the provider), a reset or an EOF is the
+            // endpoint's.
+            let config_problem = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()).is_some_and(|r| {
+                matches!(
+                    r,
+                    rustls::Error::InvalidCertificate(_)
+                        | rustls::Error::InvalidMessage(_)
+                        | rustls::Error::PeerMisbehaved(_)
+                )
+            });
+            if config_problem {
                 Refused(format!("TLS: {e}"))
             } else {
                 Unavailable(format!("TLS: {e}"))
@@ -1772,6 +1789,10 @@ mod tests {
         let a = Authenticator::reloaded(&srv.cfg(None), &running).await.expect("reload keeps the keys");
         assert!(a.no_keys().is_none());
         assert!(a.verify(&ec().sign(Some("k1"), &c)).await.is_ok());
+        // The same algorithms in another order are the same source.
+        let mut reordered = srv.cfg(None);
+        reordered.algorithms = Some(vec!["EdDSA".into(), "ES256".into()]);
+        assert!(Authenticator::reloaded(&reordered, &running).await.is_ok());
 
         // A different URL, or other algorithms (the kept set was filtered for the old ones),
         // has no keys to keep: the reload is refused rather than trade working keys for none.

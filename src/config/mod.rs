@@ -658,7 +658,8 @@ impl Config {
         }
         if let Some(u) = &a.jwks_url {
             if !u.starts_with("https://") {
-                bail!("auth.jwks_url: must be an https:// URL, got {u:?}");
+                let shown = crate::admission::auth::shown_url(u);
+                bail!("auth.jwks_url: must be an https:// URL, got {shown:?}");
             }
         }
         if a.jwks_ca_file.is_some() && a.jwks_url.is_none() {
@@ -788,6 +789,13 @@ secret_env = "X"
             (
                 BASE.replace(
                     "secret_env = \"X\"",
+                    "algorithms = [\"ES256\"]\njwks_url = \"http://idp/j?api_key=S3CR3T\"",
+                ),
+                "https://",
+            ),
+            (
+                BASE.replace(
+                    "secret_env = \"X\"",
                     "algorithms = [\"ES256\"]\njwks_url = \"https://idp/j\"\njwks_refresh = \"100ms\"",
                 ),
                 "at least 1s",
@@ -797,6 +805,7 @@ secret_env = "X"
         for (text, want) in cases {
             let e = Config::parse(&text).unwrap_err();
             assert!(e.0.contains(want), "want {want:?} in {e}");
+            assert!(!e.0.contains("S3CR3T"), "a URL query in a message: {e}");
         }
         // Other families on one port do not clash (only `[::]` is dual-stack).
         let v6 = BASE.replace("127.0.0.1:8443", "0.0.0.0:8443");

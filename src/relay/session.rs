@@ -215,6 +215,12 @@ impl<S: RelayIo> Side<S> {
             return false;
         }
         let mut moved = false;
+        if self.close_sent && self.read_done && self.wpos > 0 {
+            // The last output: its written front goes, so the rest can leave with the
+            // close_notify below.
+            self.wbuf.drain(..self.wpos);
+            self.wpos = 0;
+        }
         if self.close_sent && self.read_done && self.wpos == 0 && !self.wbuf.is_empty() {
             // Both closes are through: this is the last output, so a TLS stream sends it and
             // its close_notify in one write (the shutdown that follows finds nothing to add).
