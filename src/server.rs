@@ -486,7 +486,13 @@ fn valid_upgrade(head: &Head) -> Option<String> {
     if !upstream::header_has_token(&head.headers, hyper::header::CONNECTION, "upgrade") {
         return None;
     }
-    if head.headers.get(hyper::header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+    // Key and version appear exactly once in a request (RFC 6455 §11.3.1, §11.3.5): with two,
+    // the proxy and the backend could each read another.
+    let once = |name| {
+        let mut all = head.headers.get_all(name).iter();
+        all.next().filter(|_| all.next().is_none())
+    };
+    if once(hyper::header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
         return None;
     }
     // An upgrade carries no body: a length or chunked coding is refused (no smuggling).
@@ -495,7 +501,7 @@ fn valid_upgrade(head: &Head) -> Option<String> {
     {
         return None;
     }
-    let key = head.headers.get(hyper::header::SEC_WEBSOCKET_KEY)?.to_str().ok()?.trim();
+    let key = once(hyper::header::SEC_WEBSOCKET_KEY)?.to_str().ok()?.trim();
     let raw = base64::engine::general_purpose::STANDARD.decode(key).ok()?;
     (raw.len() == 16).then(|| key.to_string())
 }

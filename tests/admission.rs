@@ -532,6 +532,12 @@ async fn plain_request_gets_426_and_malformed_upgrades_get_400() {
         good.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
         good.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Key: short"),
         good.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"),
+        // Each at most once in a request (RFC 6455 §11.3.1, §11.3.5).
+        good.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 12"),
+        good.replace(
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==",
+        ),
         good.replace("Connection: Upgrade", "Connection: keep-alive"),
         good.replacen("GET ", "POST ", 1),
         good.replace("HTTP/1.1", "HTTP/1.0"),
