@@ -89,5 +89,21 @@ async fn demo_prints_url_and_token_and_chats() {
     assert_eq!(first_at_b, hello);
     let first_at_a = tokio::time::timeout(Duration::from_secs(5), a.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(first_at_a, hello);
-    drop(child);
+
+    // Ctrl-C drains and exits 0, and the directory with the key and the JWT secret is gone.
+    drop((a, b));
+    let mut child = child;
+    let st = Command::new("kill").args(["-INT", &child.0.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "the demo did not exit within 10 s of SIGINT");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    let dir = std::path::Path::new(&cert_path).parent().unwrap();
+    assert!(!dir.exists(), "{} left behind", dir.display());
 }
