@@ -1195,6 +1195,30 @@ async fn pending_handshakes_over_the_cap_are_dropped_at_accept() {
     }
 }
 
+/// The pending cap counts a prefix (`ipv4_prefix = 24` here) as one client, as every per-IP
+/// limit does, but each trusted balancer on its own: balancers in one network must not share
+/// one budget.
+#[tokio::test]
+async fn the_pending_cap_groups_clients_by_prefix_but_counts_each_trusted_balancer_alone() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let cfg = config(backend.addr, "[trusted_proxies]\ncidrs = [\"127.0.3.1/32\", \"127.0.3.2/32\"]\n");
+    let cfg = set(&cfg, "limits", "max_pending_handshakes_per_ip", "2");
+    let cfg = set(&cfg, "limits", "ipv4_prefix", "24");
+    let proxy = Proxy::start(&pki, &cfg);
+    let mut idle = Vec::new();
+    for source in ["127.0.4.1", "127.0.4.2", "127.0.3.1", "127.0.3.1"] {
+        idle.push(tcp_from(&proxy, source).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 127.0.4.3 is in the full 127.0.4.0/24: dropped at accept.
+    assert!(tls_over(tcp_from(&proxy, "127.0.4.3").await.unwrap(), &pki).await.is_err());
+    // The other balancer has its own slots; the full one has none.
+    assert!(tls_over(tcp_from(&proxy, "127.0.3.2").await.unwrap(), &pki).await.is_ok());
+    assert!(tls_over(tcp_from(&proxy, "127.0.3.1").await.unwrap(), &pki).await.is_err());
+    drop(idle);
+}
+
 #[tokio::test]
 async fn slowloris_connections_are_all_closed_after_handshake_timeout() {
     let pki = Pki::new();
