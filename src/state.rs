@@ -68,8 +68,9 @@ impl Policy {
         Self::build_after(config, None).await
     }
 
-    /// As [`Policy::build`], for a SIGHUP while `running` serves: a `jwks_url` that cannot be
-    /// fetched now keeps the keys `running` fetched from it ([`Authenticator::reloaded`]).
+    /// As [`Policy::build`], for a SIGHUP while `running` serves: a `jwks_url` whose endpoint
+    /// is down keeps the keys `running` fetched from the same source, and a reload that would
+    /// trade working keys for none is refused ([`Authenticator::reloaded`]).
     pub async fn reloaded(config: Config, running: &Policy) -> Result<Policy, ConfigError> {
         Self::build_after(config, Some(running)).await
     }

@@ -320,21 +320,14 @@ impl Upstream {
                 Some(p.to_string())
             }
         };
-        // Headers the backend's `Connection` names are hop-by-hop too (RFC 9110 §7.6.1).
-        let hop = |name: &str| {
-            resp.headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-                .flat_map(|h| h.value.split(|b| *b == b','))
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
-        };
         let starts =
             |name: &str, prefix: &str| name.get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix));
         let passes = |name: &str| {
             !NOT_PASSED_BACK.iter().any(|n| name.eq_ignore_ascii_case(n))
                 && !starts(name, "sec-websocket-")
                 && !starts(name, "websocket-")
-                && !hop(name)
+                // Headers the backend's `Connection` names are hop-by-hop too (RFC 9110 §7.6.1).
+                && !has_token("connection", name)
         };
         let mut passed = Vec::new();
         for h in resp.headers.iter().filter(|h| passes(h.name)) {

@@ -354,22 +354,12 @@ impl Remote {
                 self.fetched_now();
                 true
             }
-            Err(e) if set.load().usable == 0 => {
-                tracing::warn!(
-                    %url,
-                    error = e.message(),
-                    reason = why,
-                    "JWKS fetch failed; still no keys: every token is refused"
-                );
-                false
-            }
             Err(e) => {
-                tracing::warn!(
-                    %url,
-                    error = e.message(),
-                    reason = why,
-                    "JWKS refresh failed; keeping the previous keys"
-                );
+                let outcome = match set.load().usable {
+                    0 => "still no keys: every handshake with a token is refused (503)",
+                    _ => "keeping the previous keys",
+                };
+                tracing::warn!(%url, error = e.message(), reason = why, "JWKS fetch failed; {outcome}");
                 false
             }
         }
@@ -670,8 +660,8 @@ impl Authenticator {
             Keys::Set { set, remote: Some(r) }
                 if r.fetcher.url == new.fetcher.url
                     && r.ca_file == new.ca_file
-                    && r.allowed.len() == new.allowed.len()
-                    && r.allowed.iter().all(|a| new.allowed.contains(a)) =>
+                    && r.allowed.iter().all(|a| new.allowed.contains(a))
+                    && new.allowed.iter().all(|a| r.allowed.contains(a)) =>
             {
                 let set = set.load_full();
                 (set.usable > 0).then(|| (set, r.fetched_at.load(std::sync::atomic::Ordering::Relaxed)))

@@ -204,9 +204,14 @@ impl<S: RelayIo> Side<S> {
     /// the buffer grows by everything relayed to it while only its tail is pending.
     fn compact(&mut self) {
         if self.wpos > 0 && self.wpos >= self.wbuf.len() / 2 {
-            self.wbuf.drain(..self.wpos);
-            self.wpos = 0;
+            self.drop_written();
         }
+    }
+
+    /// Drops the written front of the queue.
+    fn drop_written(&mut self) {
+        self.wbuf.drain(..self.wpos);
+        self.wpos = 0;
     }
 
     /// Writes queued output and flushes. Returns true if anything moved.
@@ -215,15 +220,11 @@ impl<S: RelayIo> Side<S> {
             return false;
         }
         let mut moved = false;
-        if self.close_sent && self.read_done && self.wpos > 0 {
-            // The last output: its written front goes, so the rest can leave with the
-            // close_notify below.
-            self.wbuf.drain(..self.wpos);
-            self.wpos = 0;
-        }
-        if self.close_sent && self.read_done && self.wpos == 0 && !self.wbuf.is_empty() {
+        if self.close_sent && self.read_done && self.pending_out() > 0 {
             // Both closes are through: this is the last output, so a TLS stream sends it and
             // its close_notify in one write (the shutdown that follows finds nothing to add).
+            // Its written front goes first, so the rest is the queue.
+            self.drop_written();
             let n = self.io.buffer_last(&self.wbuf);
             if n > 0 {
                 self.end_queued = n == self.wbuf.len();
