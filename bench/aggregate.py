@@ -16,7 +16,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-TARGET_ORDER = ["wsgate", "wsgate-b", "nginx", "haproxy", "direct"]
+TARGET_ORDER = ["wsgate", "wsgate-b", "nginx", "haproxy", "bytecopy", "direct"]
 
 # (label, workload, field, unit/format, lower_is_better)
 ROWS = [
@@ -84,7 +84,7 @@ def main():
         vals = [r[field] for r in good.get((t, w), []) if isinstance(r.get(field), (int, float))]
         return statistics.median(vals) if vals else None
 
-    ratio_cols = [t for t in ("wsgate", "wsgate-b", "haproxy") if t in cols] if "nginx" in cols else []
+    ratio_cols = [t for t in ("wsgate", "wsgate-b", "haproxy", "bytecopy") if t in cols] if "nginx" in cols else []
     header = ["metric (median)"] + cols + [f"{t} ÷ nginx" for t in ratio_cols]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")

@@ -16,7 +16,7 @@ cd "$ROOT"
 
 # ------------------------------------------------------------------- knobs
 ROUNDS=${ROUNDS:-3}
-TARGETS=${TARGETS:-"wsgate nginx haproxy direct"}
+TARGETS=${TARGETS:-"wsgate nginx haproxy bytecopy direct"}
 WORKLOADS=${WORKLOADS:-"idle tp1k tp64 handshake"}
 DURATION=${DURATION:-8}            # seconds of sending per throughput run
 SESSIONS=${SESSIONS:-50}           # throughput sessions
@@ -46,6 +46,7 @@ WSGATE_PORT=${WSGATE_PORT:-19443}
 WSGATE_ADMIN_PORT=${WSGATE_ADMIN_PORT:-19090}
 NGINX_PORT=${NGINX_PORT:-19444}
 HAPROXY_PORT=${HAPROXY_PORT:-19445}
+BYTECOPY_PORT=${BYTECOPY_PORT:-19446}
 OUT=${OUT:-$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%SZ)}
 ORIGIN=https://bench.example
 
@@ -319,6 +320,17 @@ start_target() {
         STARTED+=("$TARGET_MAIN_PID")
         TARGET_URL="wss://localhost:$HAPROXY_PORT/echo"
         wait_port "$HAPROXY_PORT" || return 1
+        TARGET_PIDS=$TARGET_MAIN_PID
+        ;;
+    bytecopy)
+        # The reference: a plain tokio-rustls byte relay, nothing parsed.
+        taskset -c "$PROXY_CPU" "$BENCH" relay --listen "127.0.0.1:$BYTECOPY_PORT" \
+            --backend "127.0.0.1:$ECHO_PORT" --cert "$WORK/tls/cert.pem" --key "$WORK/tls/key.pem" \
+            >>"$OUT/bytecopy.log" 2>&1 &
+        TARGET_MAIN_PID=$!
+        STARTED+=("$TARGET_MAIN_PID")
+        TARGET_URL="wss://localhost:$BYTECOPY_PORT/echo"
+        wait_port "$BYTECOPY_PORT" || return 1
         TARGET_PIDS=$TARGET_MAIN_PID
         ;;
     direct)

@@ -6,6 +6,7 @@ mod echo;
 mod load;
 mod net;
 mod procstat;
+mod relay;
 mod ws;
 
 use std::net::SocketAddr;
@@ -35,6 +36,23 @@ enum Cmd {
     Echo {
         #[arg(long, default_value = "127.0.0.1:19000")]
         listen: SocketAddr,
+        /// Exit after this many seconds (0 = run until killed).
+        #[arg(long, default_value_t = 0)]
+        max_seconds: u64,
+    },
+    /// Plain tokio-rustls byte relay (TLS in, bytes copied to the backend): the
+    /// parse-nothing reference for wsgate's CPU per message.
+    Relay {
+        #[arg(long, default_value = "127.0.0.1:19446")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:19000")]
+        backend: SocketAddr,
+        /// Certificate chain (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Private key (PEM).
+        #[arg(long)]
+        key: PathBuf,
         /// Exit after this many seconds (0 = run until killed).
         #[arg(long, default_value_t = 0)]
         max_seconds: u64,
@@ -227,6 +245,10 @@ fn run(cli: Cli) -> Result<bool, BoxError> {
                     return Err(format!("refusing to listen on non-loopback {listen}").into());
                 }
                 echo::run(listen, max_seconds).await?;
+                Ok(true)
+            }
+            Cmd::Relay { listen, backend, cert, key, max_seconds } => {
+                relay::run(listen, backend, &cert, &key, max_seconds).await?;
                 Ok(true)
             }
             Cmd::Throughput { common, sessions, messages, duration, size, window } => {

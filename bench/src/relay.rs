@@ -1,0 +1,92 @@
+//! The reference the CPU targets are set against: a plain tokio-rustls
+//! byte relay. It terminates TLS and copies bytes both ways to the backend with
+//! `tokio::io::copy_bidirectional`: no HTTP parsing (the client's upgrade
+//! request and the backend's 101 pass through as bytes), no frames, no policy.
+//! Whatever wsgate costs above this is the price of being frame-aware.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::net::BoxError;
+
+/// Time allowed for the TLS handshake and the backend connect, so a stuck
+/// client cannot hold a task forever.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves until killed (or `max_seconds`, when not 0).
+pub async fn run(
+    listen: SocketAddr,
+    backend: SocketAddr,
+    cert: &Path,
+    key: &Path,
+    max_seconds: u64,
+) -> Result<(), BoxError> {
+    if !listen.ip().is_loopback() || !backend.ip().is_loopback() {
+        return Err(format!("the byte relay is for loopback benchmarks only ({listen} -> {backend})").into());
+    }
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+
+    let listener = tokio::net::TcpSocket::new_v4()
+        .and_then(|s| {
+            s.set_reuseaddr(true)?;
+            s.bind(listen)?;
+            s.listen(8192)
+        })
+        .map_err(|e| format!("listen {listen}: {e}"))?;
+    eprintln!("byte relay listening on {listen}, backend {backend}");
+    let serve = accept_loop(listener, acceptor, backend);
+    if max_seconds == 0 {
+        serve.await;
+    } else {
+        let _ = tokio::time::timeout(Duration::from_secs(max_seconds), serve).await;
+    }
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, backend: SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((sock, _)) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A failed session is the client's business; the relay goes on.
+                    let _ = relay(sock, acceptor, backend).await;
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                eprintln!("byte relay: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn relay(sock: TcpStream, acceptor: TlsAcceptor, backend: SocketAddr) -> Result<(), BoxError> {
+    sock.set_nodelay(true)?;
+    let setup = async {
+        let tls = acceptor.accept(sock).await?;
+        let up = TcpStream::connect(backend).await?;
+        up.set_nodelay(true)?;
+        Ok::<_, std::io::Error>((tls, up))
+    };
+    let (mut tls, mut up) = tokio::time::timeout(SETUP_TIMEOUT, setup).await??;
+    tokio::io::copy_bidirectional(&mut tls, &mut up).await?;
+    Ok(())
+}
