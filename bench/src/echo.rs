@@ -18,13 +18,7 @@ const MAX_PAYLOAD: usize = 16 << 20;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(listen: SocketAddr, max_seconds: u64) -> Result<(), BoxError> {
-    let listener = tokio::net::TcpSocket::new_v4()
-        .and_then(|s| {
-            s.set_reuseaddr(true)?;
-            s.bind(listen)?;
-            s.listen(8192)
-        })
-        .map_err(|e| format!("listen {listen}: {e}"))?;
+    let listener = crate::net::listen_loopback(listen)?;
     eprintln!("echo backend listening on ws://{listen}");
     let accept = accept_loop(listener);
     if max_seconds == 0 {

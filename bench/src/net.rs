@@ -277,6 +277,22 @@ impl Dialer {
     }
 }
 
+/// A listening socket on a loopback address (backlog 8192, `SO_REUSEADDR`): the benchmark
+/// never serves anything beyond this machine.
+pub fn listen_loopback(addr: SocketAddr) -> Result<tokio::net::TcpListener, BoxError> {
+    if !addr.ip().is_loopback() {
+        return Err(format!("refusing to listen on non-loopback {addr}").into());
+    }
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
+    socket
+        .and_then(|s| {
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            s.listen(8192)
+        })
+        .map_err(|e| format!("listen {addr}: {e}").into())
+}
+
 pub fn parse_sources(s: &str) -> Result<Vec<IpAddr>, BoxError> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {

@@ -28,8 +28,8 @@ pub async fn run(
     key: &Path,
     max_seconds: u64,
 ) -> Result<(), BoxError> {
-    if !listen.ip().is_loopback() || !backend.ip().is_loopback() {
-        return Err(format!("the byte relay is for loopback benchmarks only ({listen} -> {backend})").into());
+    if !backend.ip().is_loopback() {
+        return Err(format!("refusing a non-loopback backend {backend}").into());
     }
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| format!("{}: {e}", cert.display()))?
@@ -42,13 +42,7 @@ pub async fn run(
         .with_single_cert(chain, key)?;
     let acceptor = TlsAcceptor::from(Arc::new(config));
 
-    let listener = tokio::net::TcpSocket::new_v4()
-        .and_then(|s| {
-            s.set_reuseaddr(true)?;
-            s.bind(listen)?;
-            s.listen(8192)
-        })
-        .map_err(|e| format!("listen {listen}: {e}"))?;
+    let listener = crate::net::listen_loopback(listen)?;
     eprintln!("byte relay listening on {listen}, backend {backend}");
     let serve = accept_loop(listener, acceptor, backend);
     if max_seconds == 0 {
