@@ -31,6 +31,20 @@ pub async fn run(
     if !backend.ip().is_loopback() {
         return Err(format!("refusing a non-loopback backend {backend}").into());
     }
+    let acceptor = acceptor(cert, key)?;
+    let listener = crate::net::listen_loopback(listen)?;
+    eprintln!("byte relay listening on {listen}, backend {backend}");
+    let serving = serve(listener, acceptor, backend);
+    if max_seconds == 0 {
+        serving.await;
+    } else {
+        let _ = tokio::time::timeout(Duration::from_secs(max_seconds), serving).await;
+    }
+    Ok(())
+}
+
+/// rustls with aws-lc-rs and default settings, one certificate chain.
+fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, BoxError> {
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| format!("{}: {e}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -40,20 +54,10 @@ pub async fn run(
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
-    let acceptor = TlsAcceptor::from(Arc::new(config));
-
-    let listener = crate::net::listen_loopback(listen)?;
-    eprintln!("byte relay listening on {listen}, backend {backend}");
-    let serve = accept_loop(listener, acceptor, backend);
-    if max_seconds == 0 {
-        serve.await;
-    } else {
-        let _ = tokio::time::timeout(Duration::from_secs(max_seconds), serve).await;
-    }
-    Ok(())
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, backend: SocketAddr) {
+async fn serve(listener: TcpListener, acceptor: TlsAcceptor, backend: SocketAddr) {
     loop {
         match listener.accept().await {
             Ok((sock, _)) => {
@@ -83,4 +87,48 @@ async fn relay(sock: TcpStream, acceptor: TlsAcceptor, backend: SocketAddr) -> R
     let (mut tls, mut up) = tokio::time::timeout(SETUP_TIMEOUT, setup).await??;
     tokio::io::copy_bidirectional(&mut tls, &mut up).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::{self, HandshakeArgs, Probe, Report, ThroughputArgs};
+    use crate::net::Dialer;
+
+    /// The byte relay carries the upgrade, echoes checked byte for byte and whole sessions
+    /// through real TLS to the echo backend, so a `bytecopy` figure is a working relay's.
+    #[tokio::test]
+    async fn relays_sessions_to_the_echo_backend() {
+        let dir = std::env::temp_dir().join(format!("wsgate-bench-relay-test-{}", std::process::id()));
+        crate::certs::write_certs(&dir, &["localhost".to_string()]).unwrap();
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = echo.local_addr().unwrap();
+        tokio::spawn(crate::echo::accept_loop(echo));
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = front.local_addr().unwrap().port();
+        tokio::spawn(serve(front, acceptor(&dir.join("cert.pem"), &dir.join("key.pem")).unwrap(), backend));
+
+        let ca = dir.join("ca.pem");
+        let d = Arc::new(
+            Dialer::new(
+                &format!("wss://localhost:{port}/echo"),
+                ca.to_str(),
+                false,
+                None,
+                None,
+                "",
+                Duration::from_secs(5),
+            )
+            .unwrap(),
+        );
+        let none = || Probe::new(vec![], vec![]);
+        let timeout = Duration::from_secs(30);
+        for size in [64, 70_000] {
+            let a = ThroughputArgs { sessions: 3, messages: 40, duration: Duration::ZERO, size, window: 8, timeout };
+            assert!(load::throughput(d.clone(), a, none(), Report::new("throughput", "test", None)).await);
+        }
+        let a = HandshakeArgs { sessions: 10, concurrency: 4, timeout };
+        assert!(load::handshake(d, a, none(), Report::new("handshake", "test", None)).await);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
