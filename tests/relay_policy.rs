@@ -848,3 +848,97 @@ async fn stalled_client_is_closed_by_the_keepalive() {
     assert_proxy_close(&proxy, 1001, "ping timeout").await;
     drop(s);
 }
+
+/// A client that does not read while the backend floods it still has its messages and its
+/// close relayed (DESIGN: a close is forwarded with its code and reason; a client message is
+/// delivered or the session closed with a code). The proxy used to stop reading a client
+/// whose own queue was full, so both sat unread until the client dropped the connection.
+#[tokio::test]
+async fn a_client_that_does_not_read_still_gets_its_message_and_close_through() {
+    let pki = Pki::new();
+    let (addr, mut rx) = custom_backend(|ws| async move {
+        let (mut sink, mut stream) = ws.split();
+        let flood = tokio::spawn(async move {
+            let chunk = vec![0x5au8; 16 * 1024];
+            let end = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < end {
+                let send = sink.send(Message::Binary(chunk.clone().into()));
+                if !matches!(tokio::time::timeout(end - Instant::now(), send).await, Ok(Ok(()))) {
+                    break;
+                }
+            }
+        });
+        let mut got = Vec::new();
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(15), stream.next()).await {
+            let close = m.is_close();
+            got.push(m);
+            if close {
+                break;
+            }
+        }
+        flood.abort();
+        got
+    })
+    .await;
+    let proxy = Proxy::start(&pki, &config(addr, "idle_timeout = \"30s\"\nping_interval = \"30s\""));
+    let mut s = raw_upgrade(&proxy, &pki).await; // never read
+                                                 // Long enough for the flood to fill the client's socket buffers and the proxy's queue.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.write_all(&raw_frame(true, 1, true, b"hello-from-client")).await.unwrap();
+    s.write_all(&raw_frame(true, 8, true, &close_payload(4000, b"bye"))).await.unwrap();
+    s.flush().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("backend still waiting").unwrap();
+    let text: Vec<&Message> = got.iter().filter(|m| m.is_text()).collect();
+    assert_eq!(text, [&Message::Text("hello-from-client".into())], "backend got {} messages", got.len());
+    match got.last() {
+        Some(Message::Close(Some(f))) => assert_eq!((u16::from(f.code), f.reason.as_str()), (4000, "bye")),
+        other => panic!("backend's last message: {other:?}"),
+    }
+    // The close handshake cannot finish through the full queue: the session ends at the close
+    // timeout, with the client's code.
+    assert!(proxy.wait_log("\"event\":\"session_end\"", Duration::from_secs(8)).await, "{}", proxy.log_text());
+    let text = proxy.log_text();
+    let end = text.lines().find(|l| l.contains("\"event\":\"session_end\"")).unwrap();
+    assert!(end.contains("\"close_code\":4000") && end.contains("\"initiator\":\"client\""), "{end}");
+    drop(s);
+}
+
+/// While a client's queue is full, its pings are still read but answered with one pong, for
+/// the latest (RFC 6455 §5.5.3): what a client that does not read can add to its own queue
+/// stays one frame. Once it reads again, that pong arrives.
+#[tokio::test]
+async fn pings_from_a_client_that_does_not_read_get_one_pong_for_the_latest() {
+    let pki = Pki::new();
+    let (addr, _rx) = custom_backend(|mut ws| async move {
+        // Flood for 2 s, then hold the session open.
+        let chunk = vec![0x5au8; 16 * 1024];
+        let end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < end {
+            let send = ws.send(Message::Binary(chunk.clone().into()));
+            if !matches!(tokio::time::timeout(end - Instant::now(), send).await, Ok(Ok(()))) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    })
+    .await;
+    let proxy = Proxy::start(&pki, &config(addr, "idle_timeout = \"30s\"\nping_interval = \"30s\""));
+    let mut s = raw_upgrade(&proxy, &pki).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for p in [&b"p1"[..], b"p2", b"p3"] {
+        s.write_all(&raw_frame(true, 9, true, p)).await.unwrap();
+    }
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Now read everything: the flood, then nothing for a second.
+    let mut pongs = Vec::new();
+    let end = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < end {
+        match tokio::time::timeout(Duration::from_secs(1), read_raw_frame(&mut s)).await {
+            Ok(Some((10, p))) => pongs.push(String::from_utf8(p).unwrap()),
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    assert_eq!(pongs, ["p3"]);
+}

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 const METRICS_FLUSH: Duration = Duration::from_secs(1);
 /// How long a close handshake may take before the sockets are dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Stop reading a peer while this much output is waiting for either side (backpressure).
+/// Stop reading a peer while this much output is waiting for the other side (backpressure).
 /// The kernel's socket buffers hold the bulk of a transfer; this queue only bridges the
 /// moment the socket is full, and is what a stalled reader costs beyond one read and the TLS
 /// buffer (64 KiB: about 250 KiB per stalled session in all, 256 KiB: 450 KiB).
@@ -141,6 +141,9 @@ struct Side<S> {
     end_queued: bool,
     /// This peer's close frame was read (not a violation that stopped reading early).
     close_read: bool,
+    /// The pong owed for this peer's latest ping while its own queue is over [`HIGH_WATER`]
+    /// (it reads slowly): one frame at most, queued once the queue drains.
+    owed_pong: Vec<u8>,
 }
 
 impl<S: RelayIo> Side<S> {
@@ -158,6 +161,7 @@ impl<S: RelayIo> Side<S> {
             dead: false,
             end_queued: false,
             close_read: false,
+            owed_pong: Vec::new(),
         }
     }
 
@@ -214,12 +218,34 @@ impl<S: RelayIo> Side<S> {
         self.wpos = 0;
     }
 
+    /// Keeps only the last whole frame of `owed_pong`: RFC 6455 §5.5.3 lets an endpoint
+    /// answer only the most recent of several pings.
+    fn keep_last_pong(&mut self) {
+        let (mut last, mut pos) = (0, 0);
+        while let Ok(Some(h)) = frame::parse_header(&self.owed_pong[pos..]) {
+            let end = pos + h.header_len + h.len as usize;
+            if end > self.owed_pong.len() {
+                break;
+            }
+            (last, pos) = (pos, end);
+        }
+        self.owed_pong.drain(..last);
+    }
+
     /// Writes queued output and flushes. Returns true if anything moved.
     fn poll_out(&mut self, cx: &mut Context<'_>) -> bool {
         if self.dead {
             return false;
         }
         let mut moved = false;
+        if !self.owed_pong.is_empty() && (self.close_sent || self.pending_out() <= HIGH_WATER) {
+            // Nothing may follow our close frame (RFC 6455 §5.5.1), pongs included.
+            if !self.close_sent {
+                self.compact();
+                self.wbuf.extend_from_slice(&self.owed_pong);
+            }
+            self.owed_pong = Vec::new();
+        }
         if self.close_sent && self.read_done && self.pending_out() > 0 {
             // Both closes are through: this is the last output, so a TLS stream sends it and
             // its close_notify in one write (the shutdown that follows finds nothing to add).
@@ -356,8 +382,10 @@ where
     if src.read_done || src.dead {
         return turn;
     }
-    if dst.pending_out() > HIGH_WATER || src.pending_out() > HIGH_WATER {
-        // The other side is slow: stop reading (TCP backpressure reaches the sender).
+    if dst.pending_out() > HIGH_WATER {
+        // The other side is slow: stop reading (TCP backpressure reaches the sender). A
+        // peer that is itself slow to read is still read: its messages and its close must
+        // reach the other side, and what it adds to its own queue is one pong at most.
         return turn;
     }
     let discard = dst.close_sent;
@@ -444,13 +472,18 @@ where
 {
     let mut pos = 0;
     loop {
-        // Replies (pongs) are appended to the queue directly.
+        // Replies (pongs) are appended to the queue directly, or held aside as one owed pong
+        // while the queue is over the high-water mark.
         src.compact();
-        let queued = src.wbuf.len();
-        let step = flow.process(&mut buf[pos..], policy, now, discard, masks, &mut src.wbuf);
+        let backlogged = src.pending_out() > HIGH_WATER;
+        let replies = if backlogged { &mut src.owed_pong } else { &mut src.wbuf };
+        let queued = replies.len();
+        let step = flow.process(&mut buf[pos..], policy, now, discard, masks, replies);
         if src.close_sent {
             // Nothing may follow our close frame (RFC 6455 §5.5.1), pongs included.
-            src.wbuf.truncate(queued);
+            replies.truncate(queued);
+        } else if backlogged {
+            src.keep_last_pong();
         }
         for &(a, b) in &step.segs[..step.nsegs] {
             dst.send(cx, &buf[pos + a..pos + b]);
