@@ -254,8 +254,14 @@ fn log_rejected(client_ip: IpAddr, r: &Rejection, passthrough: bool) {
     }
 }
 
-/// Runs a phase before the upgrade request is complete; `None` when the drain starts first.
-/// Connections that are not sessions yet (port scans, slow or half-sent requests) must not
+/// The answer to an upgrade the drain overtook. Not `global_cap`: a deploy must not look like
+/// the session cap being hit.
+fn draining() -> Rejection {
+    Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "draining")
+}
+
+/// Runs a phase until the drain starts (`None` then). Before the upgrade request is complete,
+/// connections that are not sessions yet (port scans, slow or half-sent requests) must not
 /// hold the exit back until `handshake_timeout`: they are dropped without an answer.
 async fn or_drain<F: std::future::Future>(shared: &Shared, phase: F) -> Option<F::Output> {
     tokio::select! {
@@ -374,12 +380,23 @@ async fn connection(
         return reject(&shared, &mut tls, client_ip, start, r).await;
     };
 
-    let admitted = match admission::admit(&shared, &policy, &head.headers, &head.target, client_ip).await {
+    // Admission may wait too (a JWKS refetch for an unknown key id): the drain cuts it short.
+    let Some(admitted) =
+        or_drain(&shared, admission::admit(&shared, &policy, &head.headers, &head.target, client_ip)).await
+    else {
+        return reject(&shared, &mut tls, client_ip, start, draining()).await;
+    };
+    let admitted = match admitted {
         Ok(a) => a,
         Err(r) => return reject(&shared, &mut tls, client_ip, start, r).await,
     };
 
-    let connected = match policy.upstream.handshake(&admitted.backend_request).await {
+    // A drain answers an upgrade still waiting on the backend at once, instead of holding the
+    // exit back for `connect_timeout` or leaving it unanswered at `shutdown_grace`.
+    let Some(connected) = or_drain(&shared, policy.upstream.handshake(&admitted.backend_request)).await else {
+        return reject(&shared, &mut tls, client_ip, start, draining()).await;
+    };
+    let connected = match connected {
         Ok(c) => c,
         Err(e) => {
             let r = backend_failed(&shared, e);
@@ -387,9 +404,7 @@ async fn connection(
         }
     };
     if shared.shutdown.is_cancelled() {
-        // Not `global_cap`: a deploy must not look like the session cap being hit.
-        let r = Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "draining");
-        return reject(&shared, &mut tls, client_ip, start, r).await;
+        return reject(&shared, &mut tls, client_ip, start, draining()).await;
     }
 
     // Answer 101 with the backend's chosen subprotocol.

@@ -1148,3 +1148,36 @@ async fn sighup_applies_a_new_log_level() {
     assert_eq!(refuse().await.unwrap_err().status(), 403);
     assert_eq!(wait_events(&proxy, "rejected", 2).await.len(), 2);
 }
+
+#[tokio::test]
+async fn upgrade_waiting_on_a_silent_backend_at_sigterm_gets_503_at_once() {
+    let pki = Pki::new();
+    // A backend that accepts and never answers; connect_timeout 4 s, longer than the test
+    // waits: the drain, not the timeout, must answer.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let cfg = config(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"4s\"");
+    let mut proxy = Proxy::start(&pki, &cfg);
+    let attempt = async {
+        let t0 = Instant::now();
+        (connect(&proxy, &pki).go().await, t0.elapsed())
+    };
+    let term = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.signal("TERM");
+    };
+    let ((result, took), ()) = tokio::join!(attempt, term);
+    assert_eq!(result.unwrap_err().status(), 503);
+    assert!(took < Duration::from_millis(1500), "answered after {took:?}");
+    let r = wait_events(&proxy, "rejected", 1).await;
+    assert_eq!((r[0]["reason"].as_str(), r[0]["status"].as_u64()), (Some("draining"), Some(503)), "{r:?}");
+    let (status, took) = wait_exit(&mut proxy, Duration::from_secs(6)).await;
+    assert_eq!(status.code(), Some(0));
+    assert!(took < Duration::from_secs(1), "exit took {took:?}");
+}
