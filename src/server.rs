@@ -115,10 +115,18 @@ async fn read_head<S: AsyncRead + Unpin>(io: &mut S, deadline: Instant) -> Resul
     // Where the next search for the end starts: a head trickled a byte per record is not
     // scanned again from its start after every read.
     let mut scanned = 0;
+    let mut line_checked = false;
     loop {
         if let Some(end) = head_end(&buf, scanned) {
             let head = parse_head(&buf[..end])?;
             return Ok((head, buf.split_off(end)));
+        }
+        if !line_checked && !buf.is_empty() {
+            match upstream::first_line_valid(&buf, true) {
+                Some(false) => return Err(HeadError::Malformed),
+                Some(true) => line_checked = true,
+                None => line_checked = buf.len() > upstream::FIRST_LINE_CHECKED,
+            }
         }
         if buf.len() >= MAX_HEAD {
             return Err(HeadError::TooLarge);

@@ -272,9 +272,19 @@ impl Upstream {
         stream.flush().await.map_err(|e| UpstreamError::Unreachable(format!("flush: {e}")))?;
 
         let mut buf = Vec::with_capacity(1024);
+        let mut line_checked = false;
         let head_len = loop {
             if let Some(i) = find_head_end(&buf) {
                 break i;
+            }
+            if !line_checked {
+                match first_line_valid(&buf, false) {
+                    Some(false) => {
+                        return Err(UpstreamError::Unreachable("backend answered something that is not HTTP".into()))
+                    }
+                    Some(true) => line_checked = true,
+                    None => line_checked = buf.len() > FIRST_LINE_CHECKED,
+                }
             }
             if buf.len() >= MAX_RESPONSE_HEAD {
                 return Err(UpstreamError::Unreachable("backend response head too large".into()));
@@ -459,6 +469,29 @@ fn write_name(out: &mut Vec<u8>, name: &str) {
     }
 }
 
+/// How much of a head is checked as it arrives (see [`first_line_valid`]): bounded, so a head
+/// trickled a byte at a time is not parsed again and again from its start.
+pub const FIRST_LINE_CHECKED: usize = 1024;
+
+/// Whether the start of a head can still be HTTP, judged before the head is complete: `Some(false)`
+/// when it cannot (a random blob, another protocol's banner), `Some(true)` once its first line
+/// is complete and valid, `None` while it may still be either. Bytes that are not HTTP then get
+/// their answer at once, not when the head's timeout runs out.
+pub fn first_line_valid(buf: &[u8], request: bool) -> Option<bool> {
+    let mut none: [httparse::Header<'_>; 0] = [];
+    let parsed = if request {
+        httparse::Request::new(&mut none).parse(buf).map(|s| s.is_partial())
+    } else {
+        httparse::Response::new(&mut none).parse(buf).map(|s| s.is_partial())
+    };
+    match parsed {
+        // The first line parsed; the headers that follow are checked with the whole head.
+        Err(httparse::Error::TooManyHeaders) | Ok(false) => Some(true),
+        Err(_) => Some(false),
+        Ok(true) => buf.contains(&b'\n').then_some(true),
+    }
+}
+
 fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
 }
@@ -560,6 +593,22 @@ impl BackendRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_line_is_judged_before_the_head_is_complete() {
+        let req = |b: &[u8]| first_line_valid(b, true);
+        assert_eq!(req(b"GET /chat HT"), None);
+        assert_eq!(req(b"GET /chat HTTP/1.1\r\n"), Some(true));
+        assert_eq!(req(b"GET /chat HTTP/1.1\r\nHost: a"), Some(true));
+        assert_eq!(req(b"\r\nGET / HTTP/1.1\nHost"), Some(true));
+        assert_eq!(req(b"\x16\x03\x01\x02\x00"), Some(false));
+        assert_eq!(req(b"GET /chat HTTP/9.1\r\n"), Some(false));
+        let resp = |b: &[u8]| first_line_valid(b, false);
+        assert_eq!(resp(b"HTTP/1.1 101 Switching"), None);
+        assert_eq!(resp(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"), Some(true));
+        assert_eq!(resp(b"SSH-2.0-OpenSSH_9.6\r\n"), Some(false));
+        assert_eq!(resp(b"-ERR unknown command\r\n"), Some(false));
+    }
 
     #[test]
     fn header_names_are_capitalised() {

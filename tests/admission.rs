@@ -1601,3 +1601,29 @@ async fn backend_path_prefix_is_joined_after_the_token_is_removed() {
         assert_eq!(backend.next_session().await.path, path);
     }
 }
+
+/// Bytes that cannot begin an HTTP request get their 400 as soon as they arrive, not a 408
+/// when `handshake_timeout` (3 s here) runs out waiting for the end of a head.
+#[tokio::test]
+async fn bytes_that_cannot_be_http_get_400_at_once() {
+    let pki = Pki::new();
+    let backend = Backend::start(Mode::Echo).await;
+    let proxy = Proxy::start(&pki, &config(backend.addr, ""));
+    for junk in [&b"\x00\x01\x02\xff binary, no line end"[..], b"SSH-2.0-OpenSSH_9.6\r\n"] {
+        let mut s = raw_tls(&proxy, &pki).await;
+        s.write_all(junk).await.unwrap();
+        s.flush().await.unwrap();
+        let t0 = Instant::now();
+        let mut got = Vec::new();
+        let mut b = [0u8; 1024];
+        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&b[..n]);
+        }
+        let took = t0.elapsed();
+        assert!(got.starts_with(b"HTTP/1.1 400"), "{junk:?}: {}", String::from_utf8_lossy(&got));
+        assert!(took < Duration::from_secs(1), "{junk:?}: answered after {took:?}");
+    }
+}

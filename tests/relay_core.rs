@@ -311,3 +311,27 @@ async fn wss_backend_with_ca_file_relays_and_gets_a_clean_tls_end() {
     let refused = connect(&proxy, &pki).go().await.expect_err("an untrusted backend certificate");
     assert_eq!(refused.status(), 502);
 }
+
+/// A backend that answers in another protocol (an SSH banner on the configured port) is a
+/// 502 as soon as its first line arrives, not a 504 when `connect_timeout` runs out.
+#[tokio::test]
+async fn backend_answering_something_not_http_is_502_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.6\r\n").await;
+            held.push(s);
+        }
+    });
+    let cfg = config(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"4s\"");
+    let proxy = Proxy::start(&pki, &cfg);
+    let t0 = Instant::now();
+    let err = connect(&proxy, &pki).go().await.unwrap_err();
+    assert_eq!(err.status(), 502);
+    assert!(t0.elapsed() < Duration::from_secs(2), "took {:?}", t0.elapsed());
+    hold.abort();
+}
