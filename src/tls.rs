@@ -40,13 +40,26 @@ pub struct LoadedTls {
     pub certs: Vec<CertInfo>,
 }
 
+/// A PEM error as text. rustls-pki-types prints the marker line it choked on as a byte array
+/// (`missing section end marker: [45, 45, …]`); an operator reading a refused reload needs the
+/// text. Only marker lines are quoted (never key material), clipped to 80 characters.
+pub fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().chars().take(80).collect::<String>();
+    match e {
+        Error::MissingSectionEnd { end_marker } => format!("no \"-----END {}-----\" line", text(end_marker)),
+        Error::IllegalSectionStart { line } => format!("malformed BEGIN line \"{}\"", text(line)),
+        other => other.to_string(),
+    }
+}
+
 /// Reads a PEM certificate chain.
 pub fn load_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
     let iter = CertificateDer::pem_file_iter(path)
-        .map_err(|e| ConfigError(format!("{key}: cannot read {}: {e}", path.display())))?;
+        .map_err(|e| ConfigError(format!("{key}: cannot read {}: {}", path.display(), pem_error(&e))))?;
     let certs: Vec<_> = iter
         .collect::<Result<_, _>>()
-        .map_err(|e| ConfigError(format!("{key}: invalid PEM in {}: {e}", path.display())))?;
+        .map_err(|e| ConfigError(format!("{key}: invalid PEM in {}: {}", path.display(), pem_error(&e))))?;
     if certs.is_empty() {
         return Err(ConfigError(format!("{key}: no CERTIFICATE block in {}", path.display())));
     }
@@ -58,7 +71,11 @@ pub fn load_key(path: &Path, key: &str) -> Result<PrivateKeyDer<'static>, Config
     // Read first so that an unreadable file and a file without a key get distinct messages.
     let bytes = std::fs::read(path).map_err(|e| ConfigError(format!("{key}: cannot read {}: {e}", path.display())))?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
-        ConfigError(format!("{key}: no usable private key (PKCS#8, PKCS#1 or SEC1 PEM) in {}: {e}", path.display()))
+        ConfigError(format!(
+            "{key}: no usable private key (PKCS#8, PKCS#1 or SEC1 PEM) in {}: {}",
+            path.display(),
+            pem_error(&e)
+        ))
     })
 }
 
@@ -202,6 +219,18 @@ pub fn client_config(ca_file: Option<&Path>, key: &str) -> Result<Arc<rustls::Cl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_truncated_pem_names_the_missing_line_as_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chain.pem");
+        std::fs::write(&path, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+        let e = load_certs(&path, "tls.cert").unwrap_err().0;
+        assert!(e.contains("no \"-----END CERTIFICATE-----\" line"), "{e}");
+        std::fs::write(&path, "-----BEGIN CERTIFICATE\nMIIB\n").unwrap();
+        let e = load_certs(&path, "tls.cert").unwrap_err().0;
+        assert!(!e.contains('[') && e.contains("-----BEGIN CERTIFICATE"), "{e}");
+    }
 
     /// `server::client_socket` holds handshake-time encrypted records back until the first
     /// response. That is only safe while the server sends nothing encrypted of its own accord

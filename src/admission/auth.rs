@@ -1051,9 +1051,9 @@ fn jwks_tls(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, Config
     if let Some(path) = ca_file {
         let err = |m: String| ConfigError(format!("auth.jwks_ca_file: {}: {m}", path.display()));
         let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| err(crate::tls::pem_error(&e)))?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(crate::tls::pem_error(&e)))?;
         if certs.is_empty() {
             return Err(err("no CERTIFICATE found".into()));
         }
