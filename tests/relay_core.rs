@@ -133,18 +133,25 @@ async fn backend_not_listening_is_502() {
     assert_eq!(err.status(), 502);
 }
 
-#[tokio::test]
-async fn backend_silent_is_504_within_connect_timeout() {
-    let pki = Pki::new();
+/// A backend that accepts TCP connections, writes `greeting` on each and holds them open.
+async fn holding_backend(greeting: &'static [u8]) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hold = tokio::spawn(async move {
         let mut held = Vec::new();
-        loop {
-            let (s, _) = listener.accept().await.unwrap();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.write_all(greeting).await;
             held.push(s);
         }
     });
+    (addr, hold)
+}
+
+#[tokio::test]
+async fn backend_silent_is_504_within_connect_timeout() {
+    let pki = Pki::new();
+    let (addr, hold) = holding_backend(b"").await;
     let proxy = Proxy::start(&pki, &config(addr, ""));
     let t0 = Instant::now();
     let err = connect(&proxy, &pki).go().await.unwrap_err();
@@ -316,17 +323,8 @@ async fn wss_backend_with_ca_file_relays_and_gets_a_clean_tls_end() {
 /// 502 as soon as its first line arrives, not a 504 when `connect_timeout` runs out.
 #[tokio::test]
 async fn backend_answering_something_not_http_is_502_at_once() {
-    use tokio::io::AsyncWriteExt;
     let pki = Pki::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut s, _)) = listener.accept().await {
-            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.6\r\n").await;
-            held.push(s);
-        }
-    });
+    let (addr, hold) = holding_backend(b"SSH-2.0-OpenSSH_9.6\r\n").await;
     let cfg = config(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"4s\"");
     let proxy = Proxy::start(&pki, &cfg);
     let t0 = Instant::now();

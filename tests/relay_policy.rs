@@ -676,16 +676,7 @@ async fn backend_streaming_to_a_client_that_does_not_read_keeps_proxy_memory_bou
     let pki = Pki::new();
     let (addr, mut rx) = custom_backend(|mut ws| async move {
         // Stream 64 KiB messages as fast as the proxy takes them, for 3 s.
-        let chunk = vec![0x5au8; 64 * 1024];
-        let end = Instant::now() + Duration::from_secs(3);
-        let mut sent = 0u64;
-        while Instant::now() < end {
-            match tokio::time::timeout(end - Instant::now(), ws.send(Message::Binary(chunk.clone().into()))).await {
-                Ok(Ok(())) => sent += chunk.len() as u64,
-                _ => break,
-            }
-        }
-        sent
+        flood(&mut ws, 64 * 1024, Duration::from_secs(3)).await
     })
     .await;
     let proxy = Proxy::start(&pki, &config(addr, "idle_timeout = \"30s\"\nping_interval = \"30s\""));
@@ -752,6 +743,25 @@ async fn client_sends_stall_when_the_backend_does_not_read() {
     let _ = tokio::time::timeout(Duration::from_secs(8), rx.recv()).await;
 }
 
+/// Sends `size`-byte binary messages on `sink` as fast as they are taken, for `time` at most
+/// (less if a send fails); returns the bytes sent.
+async fn flood<S>(sink: &mut S, size: usize, time: Duration) -> u64
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    let chunk = vec![0x5au8; size];
+    let end = Instant::now() + time;
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        let send = sink.send(Message::Binary(chunk.clone().into()));
+        match tokio::time::timeout(end - Instant::now(), send).await {
+            Ok(Ok(())) => sent += size as u64,
+            _ => break,
+        }
+    }
+    sent
+}
+
 /// A backend that accepts any number of sessions and sends each `size`-byte binary messages
 /// as fast as they are taken, for at most 20 s.
 async fn flooding_backend(size: usize) -> SocketAddr {
@@ -761,14 +771,7 @@ async fn flooding_backend(size: usize) -> SocketAddr {
         while let Ok((tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
-                let chunk = vec![0x5au8; size];
-                let end = Instant::now() + Duration::from_secs(20);
-                while Instant::now() < end {
-                    let send = ws.send(Message::Binary(chunk.clone().into()));
-                    if !matches!(tokio::time::timeout(end - Instant::now(), send).await, Ok(Ok(()))) {
-                        break;
-                    }
-                }
+                flood(&mut ws, size, Duration::from_secs(20)).await;
             });
         }
     });
@@ -858,16 +861,7 @@ async fn a_client_that_does_not_read_still_gets_its_message_and_close_through() 
     let pki = Pki::new();
     let (addr, mut rx) = custom_backend(|ws| async move {
         let (mut sink, mut stream) = ws.split();
-        let flood = tokio::spawn(async move {
-            let chunk = vec![0x5au8; 16 * 1024];
-            let end = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < end {
-                let send = sink.send(Message::Binary(chunk.clone().into()));
-                if !matches!(tokio::time::timeout(end - Instant::now(), send).await, Ok(Ok(()))) {
-                    break;
-                }
-            }
-        });
+        let flooding = tokio::spawn(async move { flood(&mut sink, 16 * 1024, Duration::from_secs(15)).await });
         let mut got = Vec::new();
         while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(15), stream.next()).await {
             let close = m.is_close();
@@ -876,7 +870,7 @@ async fn a_client_that_does_not_read_still_gets_its_message_and_close_through() 
                 break;
             }
         }
-        flood.abort();
+        flooding.abort();
         got
     })
     .await;
@@ -911,14 +905,7 @@ async fn pings_from_a_client_that_does_not_read_get_one_pong_for_the_latest() {
     let pki = Pki::new();
     let (addr, _rx) = custom_backend(|mut ws| async move {
         // Flood for 2 s, then hold the session open.
-        let chunk = vec![0x5au8; 16 * 1024];
-        let end = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < end {
-            let send = ws.send(Message::Binary(chunk.clone().into()));
-            if !matches!(tokio::time::timeout(end - Instant::now(), send).await, Ok(Ok(()))) {
-                break;
-            }
-        }
+        flood(&mut ws, 16 * 1024, Duration::from_secs(2)).await;
         tokio::time::sleep(Duration::from_secs(10)).await;
     })
     .await;
